@@ -1,0 +1,32 @@
+"""unet_jax: mmsegmentation's UNet model zoo in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorflow-datasets>=4.9,<5",
+    "numpy>=1.26",
+    "ml-collections>=1.0",
+    "pillow>=10",
+    "opencv-python-headless>=4.8",
+    "tqdm>=4.60",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.7",
+    "absl-py>=1.4",
+]
+
+setup(
+    name="unet_jax",
+    version="0.1.0",
+    description="mmsegmentation's UNet-S5-D16 model zoo (FCN, PSPNet, DeepLabV3 heads) in JAX/Flax",
+    packages=find_packages(include=["unet_jax", "unet_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "torch": ["torch==2.13.0"],
+    },
+)
