@@ -90,6 +90,7 @@ def base_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         head=head,
         base_channels=64,        # backbone width; head channels follow (see models/segmentor.py)
+        head_channels=0,         # decode-head width; 0 = follow base_channels (FCN x1, PSP/ASPP x1/4)
         num_classes=19 if is_city else 2,
         in_channels=3,
         num_stages=5,

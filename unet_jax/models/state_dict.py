@@ -1,0 +1,103 @@
+"""Map between unet_jax module state and mmsegmentation state_dict keys.
+
+Module attributes mirror mmseg's names, so a state path joined with '.' is the mmseg prefix;
+only the leaf names differ (kernel -> weight with OIHW <-> HWIO, scale -> weight,
+mean/var -> running_mean/running_var). `num_batches_tracked` has no counterpart here.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
+                  "mean": "running_mean", "var": "running_var"}
+
+
+class StateDictMismatchError(ValueError):
+    """A state_dict does not fit the model built from the config."""
+
+
+def _torch_key(path: tuple) -> str | None:
+    parts = [str(p) for p in path]
+    leaf = parts[-1]
+    if leaf not in _LEAF_TO_TORCH or "rngs" in parts:
+        return None
+    return ".".join(parts[:-1] + [_LEAF_TO_TORCH[leaf]])
+
+
+def _variables(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
+        key = _torch_key(path)
+        if key is not None:
+            out[key] = (path, var)
+    return out
+
+
+def to_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
+    """Our array for `key` in torch layout (4-D conv kernels HWIO -> OIHW)."""
+    return np.ascontiguousarray(value.transpose(3, 2, 0, 1)) if value.ndim == 4 else value
+
+
+def from_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
+    """A torch array for `key` in our layout (4-D conv weights OIHW -> HWIO)."""
+    return np.ascontiguousarray(value.transpose(2, 3, 1, 0)) if value.ndim == 4 else value
+
+
+def model_state_dict(model: nnx.Module, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+    """The model's weights as an mmseg state_dict (torch layouts, float32 numpy arrays)."""
+    sd = {}
+    for key, (_, var) in _variables(model).items():
+        sd[key] = to_torch_layout(key, np.asarray(var[...], np.float32))
+        if key.endswith("bn.running_var"):
+            sd[key[: -len("running_var")] + "num_batches_tracked"] = np.array(
+                num_batches_tracked, np.int64)
+    return sd
+
+
+def describe_checkpoint(sd: Mapping[str, np.ndarray]) -> str:
+    """Which config a state_dict fits: head, classes and backbone width read off its keys."""
+    head = ("pspnet" if any(".psp_modules." in k for k in sd)
+            else "deeplabv3" if any(".aspp_modules." in k for k in sd)
+            else "fcn" if any(k.startswith("decode_head.convs.") for k in sd) else "unknown")
+    seg = sd.get("decode_head.conv_seg.weight")
+    classes = int(seg.shape[0]) if seg is not None else "unknown"
+    first = sd.get("backbone.encoder.0.0.convs.0.conv.weight")
+    width = int(first.shape[0]) if first is not None else "unknown"
+    bottleneck = sd.get("decode_head.bottleneck.conv.weight",
+                        sd.get("decode_head.convs.0.conv.weight"))
+    channels = int(bottleneck.shape[0]) if bottleneck is not None else "unknown"
+    dataset = "configs/cityscapes.py" if classes == 19 else "a retinal config (configs/drive.py ...)"
+    return (f"the checkpoint holds a {head} decode head ({channels} channels) with {classes} "
+            f"classes and base_channels {width}: use {dataset} with ':{head},ce' (plus "
+            f"--config.model.base_channels={width} --config.model.head_channels={channels} "
+            f"if the widths differ from the zoo's 64 and {64 if head == 'fcn' else 16})")
+
+
+def load_state_dict(model: nnx.Module, sd: Mapping[str, Any], source: str = "<state_dict>",
+                    ) -> None:
+    """Copy an mmseg state_dict into `model`, strictly: every mismatch is reported at once."""
+    ours = _variables(model)
+    theirs = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = []
+    for key in sorted(set(ours) & set(theirs)):
+        want = tuple(to_torch_layout(key, np.zeros(ours[key][1][...].shape, np.float32)).shape)
+        got = tuple(np.shape(theirs[key]))
+        if want != got:
+            shapes.append(f"{key}: expected {want}, found {got}")
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit the model built from the config "
+                 f"({len(missing)} missing, {len(unexpected)} unexpected, "
+                 f"{len(shapes)} mis-shaped keys):"]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  mis-shaped: {s}" for s in shapes]
+        lines.append(f"Hint: {describe_checkpoint(theirs)}.")
+        raise StateDictMismatchError("\n".join(lines))
+    for key, (_, var) in ours.items():
+        var[...] = jnp.asarray(from_torch_layout(key, np.asarray(theirs[key], np.float32)))

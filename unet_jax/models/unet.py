@@ -1,0 +1,139 @@
+"""mmseg's UNet backbone (mmseg/models/backbones/unet.py), general over its constructor options.
+
+Module attributes mirror mmseg's names (`encoder.{i}.{j}.convs.{k}`, `decoder.{j}.conv_block`,
+`decoder.{j}.upsample.interp_upsample.1`) so that state paths map one-to-one onto state_dict keys.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unet_jax.models.layers import ConvModule, MaxPool, Upsample
+
+
+class BasicConvBlock(nnx.Module):
+    """`num_convs` 3x3 ConvModules; the first carries the stride, the others the dilation."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_convs: int = 2, stride: int = 1,
+                 dilation: int = 1, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        convs = []
+        for k in range(num_convs):
+            convs.append(ConvModule(
+                in_channels if k == 0 else out_channels, out_channels, 3,
+                stride=stride if k == 0 else 1, dilation=1 if k == 0 else dilation,
+                padding=1 if k == 0 else dilation, dtype=dtype, rngs=rngs))
+        self.convs = nnx.List(convs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for conv in self.convs:
+            x = conv(x)
+        return x
+
+
+class InterpConv(nnx.Module):
+    """Bilinear x2 upsample, then a 1x1 ConvModule (mmseg InterpConv with conv_first=False)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.interp_upsample = nnx.List(
+            [Upsample(), ConvModule(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.interp_upsample:
+            x = layer(x)
+        return x
+
+
+class UpConvBlock(nnx.Module):
+    """Upsample the deeper map, concatenate [skip, upsampled], then a BasicConvBlock."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, num_convs: int,
+                 dilation: int, upsample: bool, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv_block = BasicConvBlock(2 * skip_channels, out_channels, num_convs, 1, dilation,
+                                         dtype=dtype, rngs=rngs)
+        if upsample:
+            self.upsample = InterpConv(in_channels, skip_channels, dtype=dtype, rngs=rngs)
+        else:
+            self.upsample = ConvModule(in_channels, skip_channels, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, skip: jax.Array, x: jax.Array) -> jax.Array:
+        x = self.upsample(x)
+        return self.conv_block(jnp.concatenate([skip, x], axis=-1))
+
+
+class UNet(nnx.Module):
+    """UNet encoder-decoder; returns the decoder maps from deepest to shallowest (spec §1.8)."""
+
+    def __init__(self, *, in_channels: int = 3, base_channels: int = 64, num_stages: int = 5,
+                 strides: Sequence[int] = (1, 1, 1, 1, 1),
+                 enc_num_convs: Sequence[int] = (2, 2, 2, 2, 2),
+                 dec_num_convs: Sequence[int] = (2, 2, 2, 2),
+                 downsamples: Sequence[bool] = (True, True, True, True),
+                 enc_dilations: Sequence[int] = (1, 1, 1, 1, 1),
+                 dec_dilations: Sequence[int] = (1, 1, 1, 1),
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        for name, value, want in (("strides", strides, num_stages),
+                                  ("enc_num_convs", enc_num_convs, num_stages),
+                                  ("enc_dilations", enc_dilations, num_stages),
+                                  ("dec_num_convs", dec_num_convs, num_stages - 1),
+                                  ("downsamples", downsamples, num_stages - 1),
+                                  ("dec_dilations", dec_dilations, num_stages - 1)):
+            if len(value) != want:
+                raise ValueError(f"UNet: {name} must have {want} entries (num_stages="
+                                 f"{num_stages}), found {len(value)}: {tuple(value)}")
+        self.strides = tuple(strides)
+        self.downsamples = tuple(downsamples)
+        encoder, decoder = [], []
+        channels_in = in_channels
+        for i in range(num_stages):
+            width = base_channels * 2 ** i
+            stage = []
+            if i != 0:
+                if strides[i] == 1 and downsamples[i - 1]:
+                    stage.append(MaxPool())
+                upsample = strides[i] != 1 or downsamples[i - 1]
+                decoder.append(UpConvBlock(width, width // 2, width // 2, dec_num_convs[i - 1],
+                                           dec_dilations[i - 1], upsample, dtype=dtype,
+                                           rngs=rngs))
+            stage.append(BasicConvBlock(channels_in, width, enc_num_convs[i], strides[i],
+                                        enc_dilations[i], dtype=dtype, rngs=rngs))
+            encoder.append(nnx.List(stage))
+            channels_in = width
+        self.encoder = nnx.List(encoder)
+        self.decoder = nnx.List(decoder)
+
+    @property
+    def downsample_rate(self) -> int:
+        """Total downsampling of the encoder (16 for S5-D16); inputs must be multiples of it."""
+        rate = 1
+        for i in range(1, len(self.strides)):
+            if self.strides[i] == 2 or self.downsamples[i - 1]:
+                rate *= 2
+        return rate
+
+    def check_input_divisible(self, x: jax.Array) -> None:
+        """Raise, as mmseg asserts, when H or W is not a multiple of the downsample rate."""
+        h, w = x.shape[1], x.shape[2]
+        rate = self.downsample_rate
+        if h % rate or w % rate:
+            raise ValueError(
+                f"UNet input size (h={h}, w={w}) is not divisible by the whole downsample rate "
+                f"{rate}: both sides must be multiples of {rate}. Pad or crop the image to a "
+                f"multiple of {rate}, or use slide inference with a crop that is one "
+                f"(unet_jax.predict pads and crops back for you).")
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        self.check_input_divisible(x)
+        enc_outs = []
+        for stage in self.encoder:
+            for layer in stage:
+                x = layer(x)
+            enc_outs.append(x)
+        dec_outs = [x]
+        for i in reversed(range(len(self.decoder))):
+            x = self.decoder[i](enc_outs[i], x)
+            dec_outs.append(x)
+        return dec_outs

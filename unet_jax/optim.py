@@ -1,0 +1,72 @@
+"""mmseg's optimiser and learning-rate schedule: torch SGD + mmengine PolyLR (spec §5)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+
+def _cfg(cfg: Any, name: str) -> Any:
+    if isinstance(cfg, Mapping):
+        if name not in cfg:
+            raise KeyError(f"train config has no field {name!r}; found {sorted(cfg)}")
+        return cfg[name]
+    if not hasattr(cfg, name):
+        raise KeyError(f"train config has no field {name!r}")
+    return getattr(cfg, name)
+
+
+def _poly_args(train_cfg: Any) -> tuple[float, float, float, int]:
+    lr = float(_cfg(train_cfg, "lr"))
+    lr_min = float(_cfg(train_cfg, "lr_min"))
+    power = float(_cfg(train_cfg, "power"))
+    num_steps = int(_cfg(train_cfg, "num_steps"))
+    if num_steps < 1:
+        raise ValueError(f"train.num_steps must be >= 1; found {num_steps}")
+    # mmengine: total_iters T = end - begin - 1. T = 0 (a 1-step run) never decays; use 1.
+    return lr, lr_min, power, max(num_steps - 1, 1)
+
+
+def poly_lr(step: int, train_cfg: Any) -> float:
+    """The PolyLR learning rate of iteration `step` (0-based) as a Python float (float64).
+
+    `(lr - lr_min) * (1 - t/T)^power + lr_min` with T = num_steps - 1 and t clamped to [0, T].
+    """
+    lr, lr_min, power, total = _poly_args(train_cfg)
+    t = min(max(int(step), 0), total)
+    return (lr - lr_min) * ((total - t) / total) ** power + lr_min
+
+
+def poly_schedule(train_cfg: Any) -> optax.Schedule:
+    """An optax schedule (jit-able, float32) giving mmengine PolyLR's lr at optimiser step t.
+
+    Uses the closed form of mmengine's recursive update; after the last step it stays at lr_min.
+    """
+    lr, lr_min, power, total = _poly_args(train_cfg)
+
+    def schedule(count: Any) -> Any:
+        t = jnp.clip(jnp.asarray(count), 0, total)
+        # (T - t) is exact in float32 for T < 2**24; dividing afterwards keeps the relative
+        # error at float32 rounding even near the end (1 - t/T would cancel catastrophically).
+        frac = (total - t).astype(jnp.float32) / jnp.float32(total)
+        return jnp.float32(lr - lr_min) * frac ** jnp.float32(power) + jnp.float32(lr_min)
+
+    return schedule
+
+
+def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
+    """torch `SGD(lr=PolyLR, momentum, weight_decay)` as optax: weight decay on every leaf it sees.
+
+    Pass it only the trainable parameters (nnx.Param state), never BatchNorm running statistics.
+    The momentum buffer is `m = momentum*m + g + wd*p` (first step `m = g + wd*p`) and the update
+    is `-lr_t * m`, as in torch (nesterov False, dampening 0).
+    """
+    weight_decay = float(_cfg(train_cfg, "weight_decay"))
+    momentum = float(_cfg(train_cfg, "momentum"))
+    # Both links are always present so the optimiser-state structure never depends on the values.
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(poly_schedule(train_cfg), momentum=momentum, nesterov=False),
+    )
