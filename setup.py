@@ -16,6 +16,7 @@ CORE = [
     "tensorboardX>=2.6",
     "matplotlib>=3.7",
     "absl-py>=1.4",
+    "importlib_resources>=5",  # tensorflow-datasets 4.9 imports it but does not declare it
 ]
 
 setup(

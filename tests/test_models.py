@@ -1,0 +1,116 @@
+"""Model structure and parity with mmsegmentation's forward outputs (../shared/fixtures/mmseg)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmseg_fixtures import MODELS, tiny_model
+from unet_jax.models import build_model, count_params
+from unet_jax.models.layers import adaptive_pool_matrix
+from unet_jax.models.unet import UNet
+from unet_jax.zoo import base_config
+
+
+@pytest.mark.parametrize("dataset,head,expected", [
+    ("drive", "fcn", 29_060_676), ("drive", "pspnet", 29_046_276),
+    ("drive", "deeplabv3", 29_064_996), ("cityscapes", "fcn", 29_062_886)])
+def test_parameter_counts_full_width(dataset, head, expected):
+    model = nnx.eval_shape(lambda: build_model(base_config(dataset, head).model))
+    assert count_params(model) == expected
+    assert count_params(model.backbone) == 28_949_568
+
+
+def test_backbone_shapes_full_width():
+    def forward():
+        model = build_model(base_config("drive", "fcn").model)
+        x = jnp.zeros((2, 64, 64, 3))
+        return model.extract_feat(x), model(x)
+
+    feats, (dec, aux) = nnx.eval_shape(forward)
+    assert [f.shape for f in feats] == [(2, 4, 4, 1024), (2, 8, 8, 512), (2, 16, 16, 256),
+                                        (2, 32, 32, 128), (2, 64, 64, 64)]
+    assert dec.shape == (2, 64, 64, 2) and aux.shape == (2, 32, 32, 2)
+
+
+def test_indivisible_input_error_names_size_and_fix():
+    model = build_model(_tiny("fcn"))
+    with pytest.raises(ValueError, match=r"h=50, w=64.*divisible.*16.*Pad or crop.*slide"):
+        model(jnp.zeros((1, 50, 64, 3)))
+
+
+def _tiny(head):
+    cfg = base_config("drive", head).model
+    cfg.base_channels = 4
+    return cfg
+
+
+def test_unet_general_options():
+    unet = UNet(base_channels=4, num_stages=4, strides=(1, 2, 1, 1), enc_num_convs=(1, 2, 3, 2),
+                dec_num_convs=(2, 1, 2), downsamples=(False, True, True),
+                enc_dilations=(1, 2, 1, 1), dec_dilations=(1, 1, 2), rngs=nnx.Rngs(0))
+    assert unet.downsample_rate == 8
+    outs = unet(jnp.zeros((1, 32, 24, 3)))
+    assert [o.shape for o in outs] == [(1, 4, 3, 32), (1, 8, 6, 16), (1, 16, 12, 8), (1, 32, 24, 4)]
+    assert len(unet.encoder[2][1].convs) == 3 and not hasattr(unet.decoder[0].upsample, "conv")
+    with pytest.raises(ValueError, match="dec_num_convs must have 4 entries.*found 3"):
+        UNet(dec_num_convs=(2, 2, 2), rngs=nnx.Rngs(0))
+
+
+def test_initialisation_matches_mmseg():
+    cfg = base_config("drive", "fcn").model
+    cfg.base_channels = 16
+    model = build_model(cfg, seed=3)
+    kernel = np.asarray(model.backbone.encoder[4][1].convs[1].conv.kernel[...])  # 3x3, 256 out
+    assert kernel.std() == pytest.approx(np.sqrt(2.0 / (256 * 9)), rel=0.02)
+    assert abs(kernel.mean()) < 1e-3
+    bn = model.backbone.encoder[4][1].convs[1].bn
+    assert np.all(np.asarray(bn.scale[...]) == 1) and np.all(np.asarray(bn.bias[...]) == 0)
+    seg = np.asarray(model.decode_head.conv_seg.kernel[...])
+    assert seg.std() == pytest.approx(0.01, rel=0.2)
+    assert np.all(np.asarray(model.decode_head.conv_seg.bias[...]) == 0)
+
+
+@pytest.mark.parametrize("length,bins,expected", [
+    (64, 3, [(0, 22), (21, 43), (42, 64)]),
+    (64, 6, [(0, 11), (10, 22), (21, 32), (32, 43), (42, 54), (53, 64)]),
+    (256, 6, [(0, 43), (42, 86), (85, 128), (128, 171), (170, 214), (213, 256)])])
+def test_adaptive_pool_bins_overlap_like_torch(length, bins, expected):
+    mat = np.asarray(adaptive_pool_matrix(length, bins))
+    got = [(int(np.flatnonzero(r)[0]), int(np.flatnonzero(r)[-1]) + 1) for r in mat]
+    assert got == expected
+    np.testing.assert_allclose(mat.sum(1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_parity_with_mmseg(fixtures_dir, name):
+    _, model = tiny_model(fixtures_dir, name)
+    inputs = np.load(fixtures_dir / "models" / "inputs.npz")
+    ref = np.load(fixtures_dir / "models" / f"{name}_outputs.npz")
+    worst = 0.0
+    for tag in ("x64x64", "x48x80"):
+        x = jnp.asarray(inputs[tag].transpose(0, 2, 3, 1))
+        feats = model.extract_feat(x)
+        decode, aux = model(x)
+        pairs = [(f, ref[f"{tag}_backbone_{i}"]) for i, f in enumerate(feats)]
+        pairs += [(decode, ref[f"{tag}_decode"]), (aux, ref[f"{tag}_aux"])]
+        for ours, theirs in pairs:
+            ours = np.asarray(ours).transpose(0, 3, 1, 2)
+            assert ours.shape == theirs.shape
+            worst = max(worst, float(np.abs(ours - theirs).max()))
+        np.testing.assert_array_equal(np.asarray(model.predict(x)), np.asarray(decode))
+    assert worst <= 3e-4, f"{name}: max abs error {worst:.2e} > 3e-4"
+
+
+def test_bfloat16_option_runs_close(fixtures_dir):
+    config, model = tiny_model(fixtures_dir, "fcn_drive")
+    config.model.dtype = "bfloat16"
+    bf = build_model(config.model)
+    nnx.update(bf, nnx.state(model))
+    bf.eval()
+    x = jnp.asarray(np.load(fixtures_dir / "models" / "inputs.npz")["x64x64"].transpose(0, 2, 3, 1))
+    ref, _ = model(x)
+    out, _ = bf(x)
+    assert out.dtype == jnp.float32
+    agree = np.mean(np.argmax(np.asarray(out), -1) == np.argmax(np.asarray(ref), -1))
+    assert agree > 0.95
