@@ -11,9 +11,32 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-KAIMING_FAN_OUT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def host_normal(std_of_shape):
+    """Normal initialiser drawn with numpy on the host from a seed taken off the JAX key.
+
+    JAX's eager random ops compile once per kernel shape (tens of seconds for a UNet on CPU);
+    numpy draws are instant. Under tracing (eval_shape/jit) it falls back to jax.random.
+    """
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        std = std_of_shape(tuple(shape))
+        if isinstance(key, jax.core.Tracer):
+            return jax.random.normal(key, shape, dtype) * std
+        seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
+        sample = np.random.default_rng(seed).standard_normal(shape, np.float32) * std
+        return jnp.asarray(sample.astype(dtype))
+
+    return init
+
+
+# mmengine KaimingInit defaults: mode fan_out, normal, gain sqrt(2): std = sqrt(2 / (kh*kw*O)).
+KAIMING_FAN_OUT = host_normal(lambda s: float(np.sqrt(2.0 / (np.prod(s[:-2]) * s[-1]))))
+SEG_NORMAL = host_normal(lambda s: 0.01)
 
 
 class BatchNorm(nnx.Module):
@@ -29,10 +52,11 @@ class BatchNorm(nnx.Module):
         self.eps = eps
         self.momentum = momentum
         self.use_running_average = use_running_average
-        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        ones, zeros = np.ones((num_features,), np.float32), np.zeros((num_features,), np.float32)
+        self.scale = nnx.Param(jnp.asarray(ones))
+        self.bias = nnx.Param(jnp.asarray(zeros))
+        self.mean = nnx.BatchStat(jnp.asarray(zeros))
+        self.var = nnx.BatchStat(jnp.asarray(ones))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -129,7 +153,8 @@ class DecodeHead(nnx.Module):
                         if dropout_ratio > 0 else None)
         self.conv_seg = nnx.Conv(
             channels, num_classes, (1, 1), use_bias=True,
-            kernel_init=jax.nn.initializers.normal(0.01), bias_init=jax.nn.initializers.zeros,
+            kernel_init=SEG_NORMAL, bias_init=lambda key, shape, dtype: jnp.asarray(
+                np.zeros(shape, np.float32)),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
     def cls_seg(self, x: jax.Array) -> jax.Array:

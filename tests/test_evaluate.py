@@ -1,0 +1,129 @@
+"""evaluate(): dataset-level counts and metrics, max_images, examples; overlay images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURES, require_shared
+from unet_jax import inference as inf
+from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
+from unet_jax.models.state_dict import load_state_dict
+from unet_jax.predict import skeleton_model
+from unet_jax.pth_reader import extract_state_dict, load_pth
+from unet_jax.zoo import base_config
+
+
+def tiny_config():
+    c = base_config("drive", "fcn")
+    c.model.base_channels = 8
+    c.model.head_channels = 8
+    c.eval.crop_size = (32, 32)
+    c.eval.stride = (21, 21)
+    c.eval.batch_windows = 8
+    c.data.img_scale = (72, 56)  # small: the synthetic images are rescaled (keep ratio) to fit
+    return c
+
+
+@pytest.fixture(scope="module")
+def apply_fn():
+    path = require_shared(FIXTURES / "models" / "fcn_drive.pth")
+    model = skeleton_model(tiny_config().model)
+    load_state_dict(model, extract_state_dict(load_pth(path), path), str(path))
+    return inf.make_apply_fn(model)
+
+
+def synthetic_samples(n: int = 3) -> list[dict]:
+    rng = np.random.default_rng(0)
+    shapes = [(40, 50), (56, 72), (45, 33), (64, 64)][:n]
+    out = []
+    for k, (h, w) in enumerate(shapes):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image[h // 3: h // 2] = (40, 200, 90)  # a band the model should react to
+        label = (rng.random((h, w)) < 0.2).astype(np.uint8)
+        label[rng.random((h, w)) < 0.05] = 255
+        out.append({"image": image, "label": label, "name": f"img{k}".encode()})
+    return out
+
+
+def numpy_summary(preds: list[np.ndarray], labels: list[np.ndarray], num_classes: int = 2):
+    """mmseg's IoUMetric written out directly in numpy (percent, rounded to 2 decimals)."""
+    inter = np.zeros(num_classes)
+    parea = np.zeros(num_classes)
+    larea = np.zeros(num_classes)
+    for p, g in zip(preds, labels):
+        keep = g != 255
+        p, g = p[keep], g[keep]
+        for c in range(num_classes):
+            inter[c] += np.sum((p == c) & (g == c))
+            parea[c] += np.sum(p == c)
+            larea[c] += np.sum(g == c)
+    union = parea + larea - inter
+    return {"aAcc": round(inter.sum() / larea.sum() * 100, 2),
+            "mIoU": round(np.nanmean(inter / union) * 100, 2),
+            "mDice": round(np.nanmean(2 * inter / (parea + larea)) * 100, 2),
+            "mAcc": round(np.nanmean(inter / larea) * 100, 2)}
+
+
+def test_evaluate_matches_numpy(apply_fn):
+    config = tiny_config()
+    samples = synthetic_samples(3)
+    summary, examples = evaluate(apply_fn, samples, config, progress=False, return_examples=2)
+    preds = [np.asarray(inf.segment(apply_fn, s["image"], config)[1]) for s in samples]
+    assert len({int(p.sum()) for p in preds}) > 1 or preds[0].any()  # not a constant model
+    expect = numpy_summary(preds, [s["label"] for s in samples])
+    for key, value in expect.items():
+        assert summary[key] == pytest.approx(value, abs=1e-9), key
+    assert set(summary["IoU"]) == {"background", "vessel"}
+    assert [e["name"] for e in examples] == ["img0", "img1"]
+    for e, p, s in zip(examples, preds, samples):
+        assert e["pred"].shape == s["label"].shape
+        np.testing.assert_array_equal(e["pred"], p)
+
+
+def test_evaluate_max_images_and_normalised_input(apply_fn):
+    config = tiny_config()
+    samples = synthetic_samples(3)
+    config.eval.max_images = 2
+    limited = evaluate(apply_fn, iter(samples), config, progress=False)
+    config.eval.max_images = 0
+    first_two = evaluate(apply_fn, samples[:2], config, progress=False)
+    assert limited == first_two
+    # a precomputed `image_normalised` (as the eval input pipeline gives) is used as is
+    with_norm = []
+    for s in samples[:2]:
+        hw = inf.rescale_hw(*s["image"].shape[:2], config.data.img_scale)
+        norm = inf.normalise(inf.resize_uint8(s["image"], hw), config.data.mean, config.data.std)
+        with_norm.append(dict(s, image_normalised=norm))
+    assert evaluate(apply_fn, with_norm, config, progress=False) == first_two
+
+
+def test_evaluate_rejects_bad_samples(apply_fn):
+    config = tiny_config()
+    bad = synthetic_samples(1)
+    bad[0]["label"] = bad[0]["label"][:-1]
+    with pytest.raises(ValueError, match="img0.*label shape"):
+        evaluate(apply_fn, bad, config, progress=False)
+    with pytest.raises(ValueError, match="no samples"):
+        evaluate(apply_fn, [], config, progress=False)
+
+
+def test_overlay_and_comparison(tmp_path: Path):
+    palette = [(120, 120, 120), (6, 230, 230)]
+    image = np.full((4, 5, 3), 100, np.uint8)
+    label = np.array([[0, 1, 255, 0, 1]] * 4, np.uint8)
+    over = overlay_image(image, label, palette, alpha=0.5)
+    assert over.dtype == np.uint8 and over.shape == (4, 5, 3)
+    np.testing.assert_array_equal(over[0, 0], [110, 110, 110])
+    np.testing.assert_array_equal(over[0, 1], [53, 165, 165])
+    np.testing.assert_array_equal(over[0, 2], [100, 100, 100])  # ignore: image unchanged
+    np.testing.assert_array_equal(colorize(label, palette)[0, 2], [0, 0, 0])
+    path = save_comparison_png(tmp_path / "sub" / "cmp.png", image, label, label[:, ::-1],
+                               palette)
+    saved = np.asarray(Image.open(path))
+    assert saved.shape == (4, 3 * 5 + 2 * 4, 3)
+    np.testing.assert_array_equal(saved[:, :5], image)
+    np.testing.assert_array_equal(saved[:, 9:14], colorize(label, palette))
+    np.testing.assert_array_equal(saved[:, 18:], colorize(label[:, ::-1], palette))

@@ -1,0 +1,156 @@
+"""Dataset evaluation (mmseg's test loop + IoUMetric) and the overlay images used to show it.
+
+`evaluate` runs the test pipeline of `unet_jax.inference.segment` on every sample (slide, whole or
+TTA per `config.eval`), takes the argmax at the original resolution and sums mmseg's four
+per-class pixel counts over the dataset (computed on device, accumulated on the host in int64).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from unet_jax import metrics
+from unet_jax.inference import ApplyFn, make_apply_fn, segment
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
+def _pred_counts(scores: jax.Array, label: jax.Array, *, num_classes: int,
+                 ignore_index: int) -> tuple[jax.Array, jax.Array]:
+    pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return pred, metrics.intersect_and_union_jnp(pred, label, num_classes, ignore_index)
+
+
+def _label_2d(label: Any, image_hw: tuple[int, int], name: str) -> np.ndarray:
+    label = np.asarray(label)
+    if label.ndim == 3 and label.shape[-1] == 1:
+        label = label[..., 0]
+    if label.shape != image_hw:
+        raise ValueError(f"sample {name!r}: label shape expected {image_hw} (the image's), "
+                         f"found {label.shape}")
+    return label
+
+
+def _name(sample: dict[str, Any], index: int) -> str:
+    name = sample.get("name", "")
+    if isinstance(name, np.ndarray):
+        name = name.item() if name.ndim == 0 else name.tolist()
+    if isinstance(name, bytes):
+        name = name.decode()
+    return str(name) or str(index)
+
+
+def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], config: Any, *,
+             progress: bool = True, return_examples: int = 0,
+             ) -> dict[str, Any] | tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate `model` over `dataset` -> `metrics.summarize` dict (aAcc, mIoU, mDice, mAcc, ...).
+
+    `model`: an NNX segmentor (evaluated in eval mode; the module itself is not changed) or an
+    apply function as made by `inference.make_apply_fn`. `dataset` yields dicts with `image`
+    (uint8 H x W x 3 RGB, original size), `label` (uint8 H x W, 255 = ignore), optionally
+    `name` and `image_normalised` (the resized, normalised image of the eval input pipeline,
+    used instead of resizing on the host when TTA is off). At most `config.eval.max_images`
+    samples are used (0 = all). With `return_examples=k` also returns the first k samples as
+    dicts {name, image, label, pred (uint8 H x W)}, e.g. for `save_comparison_png`.
+    """
+    apply_fn = make_apply_fn(model) if isinstance(model, nnx.Module) else model
+    num_classes = int(config.model.num_classes)
+    ignore_index = int(config.loss.get("ignore_index", 255)) if "loss" in config else 255
+    max_images = int(config.eval.get("max_images", 0) or 0)
+    if max_images < 0:
+        raise ValueError(f"eval.max_images: expected >= 0 (0 = all), found {max_images}")
+    total = max_images or None
+    if hasattr(dataset, "__len__"):
+        n = len(dataset)  # type: ignore[arg-type]
+        total = min(n, max_images) if max_images else n
+    acc = metrics.ConfusionAccumulator(num_classes, ignore_index)
+    pending: list[jax.Array] = []  # per-image counts still on device (keeps dispatch async)
+    examples: list[dict[str, Any]] = []
+    bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, leave=False)
+    try:
+        for index, sample in enumerate(dataset):
+            if max_images and index >= max_images:
+                break
+            image = np.asarray(sample["image"])
+            name = _name(sample, index)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"sample {name!r}: image expected uint8 H x W x 3 RGB, found "
+                                 f"{image.dtype} {image.shape}")
+            label = _label_2d(sample["label"], image.shape[:2], name)
+            scores, _ = segment(apply_fn, image, config,
+                                image_normalised=sample.get("image_normalised"))
+            pred, counts = _pred_counts(scores, jnp.asarray(label), num_classes=num_classes,
+                                        ignore_index=ignore_index)
+            pending.append(counts)
+            if len(pending) > 1:
+                acc.add_counts(np.asarray(pending.pop(0)))
+            if index < return_examples:
+                examples.append({"name": name, "image": image, "label": label,
+                                 "pred": np.asarray(pred).astype(np.uint8)})
+            bar.update(1)
+    finally:
+        bar.close()
+    for counts in pending:
+        acc.add_counts(np.asarray(counts))
+    if acc.num_images == 0:
+        raise ValueError("evaluate: the dataset yielded no samples")
+    summary = metrics.summarize(acc, list(config.data.classes))
+    return (summary, examples) if return_examples else summary
+
+
+# ------------------------------------------------------------------------------ overlays
+def colorize(label_map: np.ndarray, palette: Sequence[Sequence[int]],
+             ignore_color: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """uint8 (H, W, 3) colour image of a label map; ids outside the palette get `ignore_color`."""
+    label_map = np.asarray(label_map)
+    table = np.zeros((256, 3), np.uint8)
+    table[:] = ignore_color
+    table[:len(palette)] = np.asarray(palette, np.uint8)
+    return table[np.clip(label_map.astype(np.int64), 0, 255)]
+
+
+def overlay_image(image_rgb: np.ndarray, label_map: np.ndarray,
+                  palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Blend the palette colours of `label_map` over `image_rgb`: (1 - alpha) img + alpha colour.
+
+    Pixels whose id is outside the palette (e.g. 255 = ignore) keep the image's colour.
+    """
+    image_rgb = np.asarray(image_rgb)
+    label_map = np.asarray(label_map)
+    if image_rgb.shape[:2] != label_map.shape[:2]:
+        raise ValueError(f"overlay: label map shape expected {image_rgb.shape[:2]} (the "
+                         f"image's), found {label_map.shape}")
+    colours = colorize(label_map, palette).astype(np.float32)
+    blended = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * colours
+    known = (label_map >= 0) & (label_map < len(palette))
+    out = np.where(known[..., None], blended, image_rgb.astype(np.float32))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def save_comparison_png(path: str | Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+                        palette: Sequence[Sequence[int]], gap: int = 4) -> Path:
+    """Write image | ground truth | prediction side by side (colours from `palette`) as PNG."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{path}: image expected H x W x 3, found shape {image.shape}")
+    height, width = image.shape[:2]
+    for what, arr in (("gt", gt), ("pred", pred)):
+        if np.shape(arr) != (height, width):
+            raise ValueError(f"{path}: {what} shape expected {(height, width)}, found "
+                             f"{np.shape(arr)}")
+    canvas = np.full((height, 3 * width + 2 * gap, 3), 255, np.uint8)
+    canvas[:, :width] = image.astype(np.uint8)
+    canvas[:, width + gap:2 * width + gap] = colorize(gt, palette)
+    canvas[:, 2 * (width + gap):] = colorize(pred, palette)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path

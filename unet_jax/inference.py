@@ -1,0 +1,343 @@
+"""Slide / whole inference and multi-scale + flip TTA, as mmseg's EncoderDecoder (spec §8).
+
+Layout: images are NHWC (or HWC) float32, already normalised ((x - mean) / std, RGB); logits are
+(H, W, C) float32. `apply_fn` maps a normalised batch (N, h, w, 3) to decode-head logits
+(N, h, w, C); `make_apply_fn(model)` builds one around an NNX model, jit-compiled and cached per
+input shape (and per model structure), so the same compiled forward serves every image.
+
+Slide mode (mmseg `slide_inference`): a ceil-divided window grid whose last row/column is aligned
+to the bottom/right edge; every window of an image is cut out on device, stacked into batches of
+`batch_windows` (the last batch padded with dummy windows, so one compiled forward serves every
+call), and the raw logits are summed into a canvas and divided by the per-pixel window count.
+
+Deliberate differences from mmseg, both only for inputs mmseg rejects (its UNet asserts that
+every forward is divisible by 16, issue #389):
+* a slide window smaller than the crop (the image is smaller than the crop) whose side is not a
+  multiple of 16 is padded bottom/right with 0 (in normalised space) to the next multiple and its
+  logits are cropped back;
+* whole mode pads the whole image the same way and crops the logits back.
+
+Test pipeline (`segment`): mmseg's `Resize(scale=data.img_scale, keep_ratio=True)` on the uint8
+image (cv2 INTER_LINEAR; an identity for the zoo datasets at their native size), normalise,
+slide/whole inference, bilinear resize of the logits back to the original size
+(align_corners=False, torch-exact), argmax. With `eval.tta` the 12 views of mmseg's TTA pipeline
+(`eval.tta_scales` x no-flip/flip, each view resized from the original uint8 image) are run, each
+view's logits are flipped back, resized to the original size and soft-maxed, and the
+probabilities are averaged over the views.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unet_jax.losses import resize_logits_to
+
+ApplyFn = Callable[[jax.Array], jax.Array]
+Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), end exclusive
+
+
+# ------------------------------------------------------------------------------ the model
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).predict(x).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelApply:
+    """A model's inference forward: (N, h, w, 3) normalised -> (N, h, w, C) float32 logits.
+
+    Compiled once per input shape; the cache is keyed by the model structure, so building a new
+    `ModelApply` from the same model with new weights (e.g. at every evaluation of a training
+    run) reuses the compiled code.
+    """
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    size_divisor: int = 16
+
+    def __call__(self, x: Any) -> jax.Array:
+        return _predict(self.graphdef, self.state, jnp.asarray(x, jnp.float32))
+
+
+def make_apply_fn(model: nnx.Module) -> ModelApply:
+    """Wrap `model` for inference: eval mode (BN running stats, no dropout), jit-compiled.
+
+    `model` itself is left as it is (a training model stays in train mode); its current weights
+    are captured, so call this again after the weights change.
+    """
+    graphdef, state = nnx.split(model)
+    eval_model = nnx.merge(graphdef, state)
+    eval_model.eval()
+    graphdef, state = nnx.split(eval_model)
+    backbone = getattr(model, "backbone", None)
+    divisor = int(getattr(backbone, "downsample_rate", 16) or 1)
+    return ModelApply(graphdef, state, divisor)
+
+
+def _divisor(apply_fn: ApplyFn, size_divisor: int | None) -> int:
+    if size_divisor is not None:
+        return int(size_divisor)
+    return int(getattr(apply_fn, "size_divisor", 16))
+
+
+def _as_hwc(image: Any) -> jax.Array:
+    x = jnp.asarray(image, jnp.float32)
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"image: expected one image (1, H, W, 3) or (H, W, 3), found "
+                             f"shape {tuple(x.shape)}")
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"image: expected (1, H, W, 3) or (H, W, 3), found shape {tuple(x.shape)}")
+    return x
+
+
+def _round_up(n: int, divisor: int) -> int:
+    return int(math.ceil(n / divisor) * divisor)
+
+
+# ------------------------------------------------------------------------------ slide mode
+def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int],
+                  ) -> list[Window]:
+    """mmseg's window grid, row-major: ceil grid, last row/column shifted back to the edge.
+
+    Every window has size (min(hc, H), min(wc, W)).
+    """
+    hc, wc = int(crop[0]), int(crop[1])
+    hs, ws = int(stride[0]), int(stride[1])
+    if min(hc, wc, hs, ws) < 1:
+        raise ValueError(f"crop and stride must be positive; found crop {tuple(crop)}, "
+                         f"stride {tuple(stride)}")
+    h_grids = max(height - hc + hs - 1, 0) // hs + 1
+    w_grids = max(width - wc + ws - 1, 0) // ws + 1
+    windows = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y2 = min(hi * hs + hc, height)
+            x2 = min(wi * ws + wc, width)
+            windows.append((max(y2 - hc, 0), y2, max(x2 - wc, 0), x2))
+    return windows
+
+
+def window_count(height: int, width: int, windows: Sequence[Window]) -> np.ndarray:
+    """How many windows cover each pixel (mmseg's `count_mat`), int32 (H, W)."""
+    count = np.zeros((height, width), np.int32)
+    for y1, y2, x1, x2 in windows:
+        count[y1:y2, x1:x2] += 1
+    return count
+
+
+@functools.lru_cache(maxsize=32)
+def _grid(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int],
+          ) -> tuple[list[Window], np.ndarray, jax.Array]:
+    """Windows and per-pixel window count (numpy, and on device) of an image size; cached."""
+    windows = slide_windows(height, width, crop, stride)
+    count = window_count(height, width, windows)
+    return windows, count, jnp.asarray(count, jnp.float32)[:, :, None]
+
+
+@functools.partial(jax.jit, static_argnames=("win_hw", "pad_hw"))
+def _extract(image: jax.Array, ys: jax.Array, xs: jax.Array, *, win_hw: tuple[int, int],
+             pad_hw: tuple[int, int]) -> jax.Array:
+    """(B, ph, pw, 3) windows of `image` at (ys, xs), zero-padded bottom/right to pad_hw."""
+    (wh, ww), (ph, pw) = win_hw, pad_hw
+    channels = image.shape[-1]
+
+    def one(y: jax.Array, x: jax.Array) -> jax.Array:
+        win = jax.lax.dynamic_slice(image, (y, x, 0), (wh, ww, channels))
+        return jnp.pad(win, ((0, ph - wh), (0, pw - ww), (0, 0)))
+
+    return jax.vmap(one)(ys, xs)
+
+
+@functools.partial(jax.jit, static_argnames=("win_hw",))
+def _accumulate(canvas: jax.Array, logits: jax.Array, ys: jax.Array, xs: jax.Array,
+                valid: jax.Array, *, win_hw: tuple[int, int]) -> jax.Array:
+    """Add each valid window's logits (cropped to win_hw) into the canvas, in batch order."""
+    wh, ww = win_hw
+    channels = canvas.shape[-1]
+
+    def body(i: jax.Array, canvas: jax.Array) -> jax.Array:
+        start = (ys[i], xs[i], 0)
+        current = jax.lax.dynamic_slice(canvas, start, (wh, ww, channels))
+        update = jnp.where(valid[i], current + logits[i, :wh, :ww], current)
+        return jax.lax.dynamic_update_slice(canvas, update, start)
+
+    return jax.lax.fori_loop(0, logits.shape[0], body, canvas)
+
+
+def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: Sequence[int],
+                    num_classes: int, *, batch_windows: int = 64,
+                    size_divisor: int | None = None, return_count: bool = False,
+                    ) -> jax.Array | tuple[jax.Array, np.ndarray]:
+    """mmseg slide inference of one normalised image (1, H, W, 3) or (H, W, 3) -> (H, W, C).
+
+    Raw logits of overlapping windows are averaged (not probabilities). With `return_count`,
+    also returns the per-pixel window count (H, W) int32.
+    """
+    x = _as_hwc(image)
+    height, width = int(x.shape[0]), int(x.shape[1])
+    windows, count, count_device = _grid(height, width, (int(crop[0]), int(crop[1])),
+                                         (int(stride[0]), int(stride[1])))
+    win_hw = (windows[0][1] - windows[0][0], windows[0][3] - windows[0][2])
+    divisor = _divisor(apply_fn, size_divisor)
+    pad_hw = (_round_up(win_hw[0], divisor), _round_up(win_hw[1], divisor))
+    batch = int(batch_windows)
+    if batch < 1:
+        raise ValueError(f"batch_windows must be >= 1; found {batch_windows}")
+    canvas = jnp.zeros((height, width, int(num_classes)), jnp.float32)
+    for start in range(0, len(windows), batch):
+        chunk = windows[start:start + batch]
+        ys = np.zeros(batch, np.int32)
+        xs = np.zeros(batch, np.int32)
+        valid = np.zeros(batch, bool)
+        ys[:len(chunk)] = [w[0] for w in chunk]
+        xs[:len(chunk)] = [w[2] for w in chunk]
+        valid[:len(chunk)] = True
+        crops = _extract(x, ys, xs, win_hw=win_hw, pad_hw=pad_hw)
+        logits = apply_fn(crops)
+        if logits.shape != (batch, *pad_hw, num_classes):
+            raise ValueError(f"apply_fn: expected logits of shape {(batch, *pad_hw, num_classes)}"
+                             f" for windows {tuple(crops.shape)}, found {tuple(logits.shape)}")
+        canvas = _accumulate(canvas, logits, ys, xs, valid, win_hw=win_hw)
+    logits = canvas / count_device
+    return (logits, count.copy()) if return_count else logits
+
+
+# ------------------------------------------------------------------------------ whole mode
+def whole_inference(apply_fn: ApplyFn, image: Any, num_classes: int, *,
+                    size_divisor: int | None = None) -> jax.Array:
+    """One forward on the whole normalised image -> (H, W, C) logits.
+
+    A side that is not a multiple of the divisor is zero-padded bottom/right and the logits
+    cropped back (mmseg would raise instead).
+    """
+    x = _as_hwc(image)
+    height, width = int(x.shape[0]), int(x.shape[1])
+    divisor = _divisor(apply_fn, size_divisor)
+    ph, pw = _round_up(height, divisor), _round_up(width, divisor)
+    if (ph, pw) != (height, width):
+        x = jnp.pad(x, ((0, ph - height), (0, pw - width), (0, 0)))
+    logits = apply_fn(x[None])
+    if logits.shape != (1, ph, pw, num_classes):
+        raise ValueError(f"apply_fn: expected logits of shape {(1, ph, pw, num_classes)}, "
+                         f"found {tuple(logits.shape)}")
+    return logits[0, :height, :width]
+
+
+def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) -> jax.Array:
+    """Slide or whole inference per `eval_cfg.mode` (config.eval) -> (H, W, C) logits."""
+    mode = eval_cfg.mode
+    if mode == "slide":
+        return slide_inference(apply_fn, image, tuple(eval_cfg.crop_size),
+                               tuple(eval_cfg.stride), num_classes,
+                               batch_windows=int(eval_cfg.get("batch_windows", 64)))
+    if mode == "whole":
+        return whole_inference(apply_fn, image, num_classes)
+    raise ValueError(f"eval.mode: expected 'slide' or 'whole', found {mode!r}")
+
+
+# ------------------------------------------------------------------------------ test pipeline
+def rescale_hw(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
+    """mmcv keep-ratio rescale size (new_h, new_w) for a (long, short)-style scale tuple."""
+    long_edge, short_edge = max(scale), min(scale)
+    sf = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * float(sf) + 0.5), int(width * float(sf) + 0.5)
+
+
+def resize_uint8(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """cv2 INTER_LINEAR resize of a uint8 HxWx3 image (mmcv.imresize); no copy if same size."""
+    if tuple(image.shape[:2]) == tuple(hw):
+        return image
+    return cv2.resize(image, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_LINEAR)
+
+
+def normalise(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> float32 (x - mean) / std (mmseg SegDataPreProcessor)."""
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"image: expected H x W x 3 RGB, found shape {image_rgb.shape}")
+    return ((image_rgb.astype(np.float32) - np.asarray(mean, np.float32))
+            / np.asarray(std, np.float32))
+
+
+def tta_view_hw(height: int, width: int, ratio: float) -> tuple[int, int]:
+    """Size of mmseg's TTA view `Resize(scale_factor=ratio, keep_ratio=True)`."""
+    target = (int(width * ratio + 0.5), int(height * ratio + 0.5))
+    return rescale_hw(height, width, target)
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw",))
+def _tta_postprocess(logits: jax.Array, flip: jax.Array, *, out_hw: tuple[int, int],
+                     ) -> tuple[jax.Array, jax.Array]:
+    """A view's logits flipped back (if `flip`), resized to out_hw; and their softmax."""
+    logits = jnp.where(flip, logits[:, ::-1], logits)
+    logits = resize_logits_to(logits[None], out_hw)[0]
+    return logits, jax.nn.softmax(logits, axis=-1)
+
+
+def tta_inference(apply_fn: ApplyFn, image_rgb: np.ndarray, eval_cfg: Any, num_classes: int,
+                  mean: Sequence[float], std: Sequence[float], *, return_views: bool = False,
+                  ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+    """mmseg multi-scale + flip TTA of one uint8 RGB image -> averaged probabilities (H, W, C).
+
+    Views: for r in eval_cfg.tta_scales, for flip in (False, True): the uint8 image resized
+    keep-ratio by r (cv2 bilinear), optionally flipped horizontally, normalised, then slide/whole
+    inference; its logits flipped back and resized (torch bilinear) to (H, W). With
+    `return_views` also returns each view's logits after that postprocess.
+    """
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"image_rgb: expected uint8 H x W x 3, found {image_rgb.dtype} "
+                         f"{image_rgb.shape}")
+    height, width = image_rgb.shape[:2]
+    total = jnp.zeros((height, width, int(num_classes)), jnp.float32)
+    views = []
+    scales = tuple(eval_cfg.tta_scales)
+    for ratio in scales:
+        resized = resize_uint8(image_rgb, tta_view_hw(height, width, float(ratio)))
+        for flip in (False, True):
+            view = resized[:, ::-1] if flip else resized
+            logits = inference(apply_fn, normalise(view, mean, std), eval_cfg, num_classes)
+            logits, probs = _tta_postprocess(logits, np.bool_(flip), out_hw=(height, width))
+            if return_views:
+                views.append(logits)
+            total = total + probs
+    probs = total / (2 * len(scales))
+    return (probs, views) if return_views else probs
+
+
+def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *,
+            image_normalised: Any = None, resize: bool = True) -> tuple[jax.Array, jax.Array]:
+    """mmseg's test pipeline on one uint8 RGB image -> (scores (H, W, C) float32, pred (H, W)).
+
+    scores are the logits at the original size, or with `config.eval.tta` the averaged
+    probabilities. `image_normalised` (the resized + normalised image, e.g. from the eval input
+    pipeline) skips the host-side resize and normalisation. `resize=False` skips the keep-ratio
+    resize to `config.data.img_scale` (which is an identity at the zoo datasets' native sizes).
+    With TTA both are ignored: mmseg's TTA pipeline resizes the original image per view.
+    """
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"image: expected H x W x 3 RGB uint8, found shape {image_rgb.shape}")
+    height, width = image_rgb.shape[:2]
+    num_classes = int(config.model.num_classes)
+    data = config.data
+    if config.eval.get("tta", False):
+        scores = tta_inference(apply_fn, image_rgb, config.eval, num_classes, data.mean, data.std)
+    else:
+        if image_normalised is None:
+            hw = rescale_hw(height, width, data.img_scale) if resize else (height, width)
+            image_normalised = normalise(resize_uint8(image_rgb, hw), data.mean, data.std)
+        logits = inference(apply_fn, image_normalised, config.eval, num_classes)
+        scores = resize_logits_to(logits[None], (height, width))[0]
+    return scores, jnp.argmax(scores, axis=-1).astype(jnp.int32)

@@ -1,0 +1,250 @@
+"""Segment your own images with a converted mmseg checkpoint or a unet_jax run.
+
+    python -m unet_jax.predict --config configs/drive.py:fcn,ce --checkpoint CKPT \\
+        --input IMAGE_OR_FOLDER [MORE ...] --output DIR [--save_logits] [--noresize] \\
+        [--config.eval.tta=True] [--config.model.base_channels=8 ...]
+
+CKPT is a weights folder (`python -m unet_jax.convert` output), an mmseg `.pth` read directly
+(no torch needed), or a training workdir (its latest checkpoint). Inputs are image files or
+folders (searched recursively for png/jpg/jpeg/tif/tiff/gif/ppm/bmp); any size works.
+
+For every image `<stem>` it writes to DIR:
+* `<stem>.png`: the label map, a palette PNG whose pixel values are the class ids and whose
+  palette is `config.data.palette`;
+* `<stem>_overlay.png`: the label colours blended over the image (alpha 0.5);
+* with --save_logits, `<stem>_logits.npy`: float32 H x W x C at the image's original size, the
+  window-averaged logits; with `--config.eval.tta=True` the view-averaged softmax probabilities
+  instead (mmseg merges TTA views in probability space).
+
+Preprocessing is mmseg's test pipeline: keep-ratio resize of the image to `data.img_scale`
+(cv2 bilinear; an identity at the dataset's native size, e.g. 584x565 for DRIVE), then slide or
+whole inference per `config.eval`, logits resized back to the original size. `--noresize` runs at
+the image's own size instead. Sides that are not multiples of 16 are zero-padded and cropped back
+(see `unet_jax.inference`); mmseg would raise on those.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from unet_jax.checkpoint_io import restore_weights
+from unet_jax.evaluate import overlay_image
+from unet_jax.inference import make_apply_fn, segment
+from unet_jax.models import build_model
+from unet_jax.models.state_dict import StateDictMismatchError, load_state_dict
+from unet_jax.pth_reader import (CheckpointFormatError, UnsafeCheckpointError,
+                                 extract_state_dict, load_pth)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".ppm", ".bmp")
+
+
+class ImageReadError(ValueError):
+    """An input file could not be decoded as an image."""
+
+
+class WeightsError(ValueError):
+    """A checkpoint folder does not fit the model built from the config."""
+
+
+class InputError(ValueError):
+    """The --input paths cannot be processed as given."""
+
+
+# ------------------------------------------------------------------------------ model + weights
+def skeleton_model(model_cfg: Any) -> nnx.Module:
+    """The config's model with zero weights, built without running the random initialisers.
+
+    For loading weights right after: much cheaper than `build_model` (which compiles an
+    initialiser per parameter shape).
+    """
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg))
+    graphdef, state = nnx.split(abstract)
+
+    def fill(leaf: Any) -> Any:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            keys = jax.random.split(jax.random.key(0), max(int(np.prod(leaf.shape)), 1))
+            return keys[0] if leaf.shape == () else keys.reshape(leaf.shape)
+        return jnp.asarray(np.zeros(leaf.shape, leaf.dtype))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map(fill, state))
+
+
+def load_weights(model: nnx.Module, checkpoint: str | Path) -> str:
+    """Fill `model` from a .pth file, a weights folder or a training workdir; returns the kind."""
+    ckpt = Path(checkpoint)
+    if ckpt.is_file():
+        sd = extract_state_dict(load_pth(ckpt), ckpt)
+        load_state_dict(model, sd, source=str(ckpt))
+        return "mmseg .pth"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--checkpoint {ckpt}: does not exist (expected an mmseg .pth, a "
+                                f"weights folder from unet_jax.convert, or a training workdir)")
+    if (ckpt / "variables").is_dir():
+        try:
+            restore_weights(ckpt, model)
+        except ValueError as err:
+            raise WeightsError(str(err)) from err
+        return "weights folder"
+    try:
+        from unet_jax import checkpoint as train_checkpoint
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"--checkpoint {ckpt}: a folder without variables/ (not a weights folder) and "
+            f"training workdirs are not supported by this installation ({err})") from err
+    restore = getattr(train_checkpoint, "restore_latest_weights", None)
+    if restore is None:
+        raise FileNotFoundError(f"--checkpoint {ckpt}: not a weights folder (no variables/) and "
+                                f"unet_jax.checkpoint has no restore_latest_weights")
+    try:
+        restore(ckpt, model)
+    except ValueError as err:
+        raise WeightsError(str(err)) from err
+    return "training workdir"
+
+
+# ------------------------------------------------------------------------------ images
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given plus the image files inside folders (recursive, sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"--input {path}: folder holds no image files "
+                                        f"(expected suffixes {', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--input {path}: no such file or folder")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems and stems[f.stem] != f:
+            raise InputError(f"inputs {stems[f.stem]} and {f} would both write {f.stem}.png; "
+                             f"predict them into different --output folders")
+        stems[f.stem] = f
+    return list(dict.fromkeys(files))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of an image file (PIL; first frame of a GIF / multi-page TIFF)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, EOFError) as err:
+        raise ImageReadError(f"{path}: cannot read as an image (expected one of "
+                             f"{', '.join(IMAGE_SUFFIXES)}): {err}") from err
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ImageReadError(f"{path}: expected an H x W x 3 image, found shape {rgb.shape}")
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def full_palette(palette: Sequence[Sequence[int]], num_classes: int) -> list[list[int]]:
+    """`palette` extended (deterministically) to `num_classes` colours."""
+    colours = [[int(v) for v in p] for p in palette][:num_classes]
+    rng = np.random.default_rng(0)
+    while len(colours) < num_classes:
+        colours.append([int(v) for v in rng.integers(0, 256, 3)])
+    return colours
+
+
+def save_label_png(path: str | Path, label_map: np.ndarray,
+                   palette: Sequence[Sequence[int]]) -> None:
+    """Write a label map as a palette ('P') PNG: values are class ids, colours the palette."""
+    label_map = np.asarray(label_map)
+    if label_map.max(initial=0) > 255 or label_map.min(initial=0) < 0:
+        raise ValueError(f"{path}: label ids must fit in uint8; found range "
+                         f"[{label_map.min()}, {label_map.max()}]")
+    img = Image.fromarray(label_map.astype(np.uint8))
+    flat = [v for colour in palette for v in colour]
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    img.save(path)
+
+
+# ------------------------------------------------------------------------------ the command
+def predict_files(config: Any, checkpoint: str | Path, inputs: Sequence[str | Path],
+                  output: str | Path, *, save_logits: bool = False, resize: bool = True,
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Segment every input image; returns one dict per image {input, label, overlay, logits}."""
+    files = list_images(inputs)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = skeleton_model(config.model)
+    load_weights(model, checkpoint)
+    apply_fn = make_apply_fn(model)
+    num_classes = int(config.model.num_classes)
+    palette = full_palette(config.data.palette, num_classes)
+    written = []
+    for path in tqdm(files, desc="predict", unit="img", disable=not progress):
+        image = read_image(path)
+        scores, pred = segment(apply_fn, image, config, resize=resize)
+        pred = np.asarray(pred).astype(np.uint8)
+        record: dict[str, Any] = {"input": path, "label": out_dir / f"{path.stem}.png",
+                                  "overlay": out_dir / f"{path.stem}_overlay.png"}
+        save_label_png(record["label"], pred, palette)
+        Image.fromarray(overlay_image(image, pred, palette, alpha=0.5)).save(record["overlay"])
+        if save_logits:
+            record["logits"] = out_dir / f"{path.stem}_logits.npy"
+            np.save(record["logits"], np.asarray(scores, np.float32))
+        written.append(record)
+    return written
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags, logging
+
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    inputs = list(f.input or []) + list(argv[1:])  # `--input a.png b.png` leaves b.png in argv
+    if not inputs:
+        raise SystemExit("unet_jax.predict: give at least one --input image or folder")
+    try:
+        written = predict_files(f.config, f.checkpoint, inputs, f.output,
+                                save_logits=f.save_logits, resize=f.resize)
+    except (FileNotFoundError, ImageReadError, InputError, WeightsError, StateDictMismatchError,
+            UnsafeCheckpointError, CheckpointFormatError) as err:
+        raise SystemExit(f"unet_jax.predict: {err}") from err
+    what = "label maps + overlays" + (" + logits" if f.save_logits else "")
+    print(f"wrote {what} of {len(written)} image(s) to {Path(f.output).absolute()}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py[:<head>,<loss>]",
+                                    lock_config=False)
+    flags.DEFINE_string("checkpoint", None,
+                        "mmseg .pth, weights folder (unet_jax.convert) or training workdir")
+    flags.DEFINE_multi_string("input", None, "image file or folder (repeatable; extra "
+                              "positional paths are inputs too)")
+    flags.DEFINE_string("output", None, "output folder")
+    flags.DEFINE_bool("save_logits", False, "also write <stem>_logits.npy (float32 H x W x C)")
+    flags.DEFINE_bool("resize", True, "keep-ratio resize to data.img_scale as mmseg's test "
+                      "pipeline (--noresize: run at the image's own size)")
+    flags.mark_flags_as_required(["config", "checkpoint", "output"])
+
+
+def run() -> None:
+    """Console entry point."""
+    from absl import app
+
+    _define_flags()
+    app.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+    run()
