@@ -1,5 +1,4 @@
 """Converter: mmseg .pth (1.x and released 0.x layouts) <-> unet_jax weights, strict and safe."""
-import io
 import json
 import os
 import pickle

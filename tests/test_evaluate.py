@@ -11,7 +11,7 @@ from conftest import FIXTURES, require_shared
 from unet_jax import inference as inf
 from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
 from unet_jax.models.state_dict import load_state_dict
-from unet_jax.predict import skeleton_model
+from unet_jax.models import build_model
 from unet_jax.pth_reader import extract_state_dict, load_pth
 from unet_jax.zoo import base_config
 
@@ -30,7 +30,7 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def apply_fn():
     path = require_shared(FIXTURES / "models" / "fcn_drive.pth")
-    model = skeleton_model(tiny_config().model)
+    model = build_model(tiny_config().model)
     load_state_dict(model, extract_state_dict(load_pth(path), path), str(path))
     return inf.make_apply_fn(model)
 

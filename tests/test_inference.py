@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import FIXTURES, require_shared
 from unet_jax import inference as inf
-from unet_jax.predict import skeleton_model
+from unet_jax.models import build_model
 from unet_jax.models.state_dict import load_state_dict
 from unet_jax.pth_reader import extract_state_dict, load_pth
 from unet_jax.zoo import base_config
@@ -35,7 +35,7 @@ def tiny_config():
 def apply_fn():
     """The tiny fcn_drive fixture model, wrapped for inference (shared by the module's tests)."""
     path = require_shared(FIXTURES / "models" / "fcn_drive.pth")
-    model = skeleton_model(tiny_config().model)  # no random init: the weights are loaded
+    model = build_model(tiny_config().model)  # no random init: the weights are loaded
     load_state_dict(model, extract_state_dict(load_pth(path), path), str(path))
     return inf.make_apply_fn(model)
 
@@ -151,7 +151,7 @@ def test_tta_view_sizes():
 
 def test_make_apply_fn_leaves_model_mode(apply_fn, fixtures_dir: Path):
     path = fixtures_dir / "models" / "fcn_drive.pth"
-    model = skeleton_model(tiny_config().model)
+    model = build_model(tiny_config().model)
     load_state_dict(model, extract_state_dict(load_pth(path), path), str(path))
     model.train()
     fn = inf.make_apply_fn(model)

@@ -1,5 +1,4 @@
 """Model structure and parity with mmsegmentation's forward outputs (../shared/fixtures/mmseg)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import DATA, FIXTURES, REPO, require_shared
-from unet_jax import predict
+from unet_jax import convert, predict
+from unet_jax.models import build_model
 from unet_jax.zoo import RETINAL_PALETTE, base_config
 
 TINY = ["--config.model.base_channels=8", "--config.model.head_channels=8"]
@@ -81,24 +82,14 @@ def test_predict_errors(tmp_path: Path, pth: Path):
         predict.predict_files(tiny_config(), pth, [tmp_path / "missing.png"], tmp_path / "o",
                               progress=False)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        predict.load_weights(predict.skeleton_model(tiny_config().model), tmp_path / "nowhere")
+        predict.load_weights(build_model(tiny_config().model), tmp_path / "nowhere")
 
 
-def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path,
-                                       monkeypatch: pytest.MonkeyPatch):
+def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path):
     """.pth -> unet_jax.convert weights folder -> predict CLI --save_logits == mmseg's logits."""
     ref = np.load(require_shared(FIXTURES / "inference" / "drive_01_test_inference_model.npz"))
     weights = tmp_path / "weights"
-    try:
-        from unet_jax import convert
-    except ImportError:
-        convert = None
-    if convert is not None:
-        # the converter's own code path; only the (slow, discarded) random init is skipped
-        monkeypatch.setattr(convert, "build_model", predict.skeleton_model)
-        convert.import_mmseg(tiny_config(), pth, weights)
-    else:
-        weights = pth
+    convert.import_mmseg(tiny_config(), pth, weights)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "unet_jax.predict", "--config", "configs/drive.py:fcn,ce",

@@ -81,6 +81,32 @@ def measure_input(config: Any, *, steps: int = 100, warmup: int = 10,
             "startup_s": t1 - t0, "batch": batch, "steps": steps}
 
 
+def measure_train_step(config: Any, *, steps: int = 5, batch_size: int | None = None
+                       ) -> float:
+    """Crops/s the jitted train step consumes at the config's width and crop (random batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from unet_jax.models import build_model
+    from unet_jax.step import create_train_state, make_train_step
+
+    batch = int(batch_size or config.train.batch_size)
+    h, w = (int(v) for v in config.data.crop_size)
+    graphdef, state, tx = create_train_state(build_model(config.model), config.train)
+    step = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    data = {"image": jnp.asarray(rng.standard_normal((batch, h, w, 3), np.float32)),
+            "label": jnp.asarray(rng.integers(0, config.model.num_classes, (batch, h, w),
+                                              dtype=np.int32))}
+    state, logs = step(state, data)
+    jax.block_until_ready(logs["loss"])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, logs = step(state, data)
+    jax.block_until_ready(logs["loss"])
+    return steps * batch / (time.perf_counter() - t0)
+
+
 def run_input(config: Any, flags: Any) -> None:
     """`input` subcommand: print the input pipeline's training crops/s."""
     r = measure_input(config, steps=flags.steps, batch_size=flags.batch_size,
@@ -93,6 +119,15 @@ def run_input(config: Any, flags: Any) -> None:
           f"startup {r['startup_s']:.1f} s)")
     print(f"augmentation alone, one thread: {r['single_thread_crops_per_s']:.0f} crops/s "
           "(CPU time)")
+    if flags.train_steps > 0:
+        import jax
+
+        rate = measure_train_step(config, steps=flags.train_steps, batch_size=flags.batch_size)
+        print(f"train step ({jax.devices()[0].platform}, base_channels "
+              f"{config.model.base_channels}, {config.model.dtype}): consumes {rate:.1f} crops/s")
+        verdict = "not the bottleneck" if r["pipeline_crops_per_s"] > rate else "THE BOTTLENECK"
+        print(f"ratio pipeline / train step: {r['pipeline_crops_per_s'] / rate:.1f}x "
+              f"-> the input pipeline is {verdict}")
 
 
 SUBCOMMANDS: dict[str, Callable[[Any, Any], None]] = {"input": run_input}
@@ -114,6 +149,8 @@ def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py[:<head>,<loss>]",
                                     lock_config=False)
     flags.DEFINE_integer("steps", 100, "timed steps (after 10 warm-up steps)")
+    flags.DEFINE_integer("train_steps", 5, "timed train steps for the consumption figure "
+                         "(0: skip)")
     flags.DEFINE_integer("batch_size", 0, "global batch (0: config.train.batch_size)")
     flags.DEFINE_string("in_memory_drive", "", "read DRIVE's official training/ folder from "
                         "this directory instead of TFDS")

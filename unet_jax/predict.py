@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -60,24 +58,6 @@ class InputError(ValueError):
 
 
 # ------------------------------------------------------------------------------ model + weights
-def skeleton_model(model_cfg: Any) -> nnx.Module:
-    """The config's model with zero weights, built without running the random initialisers.
-
-    For loading weights right after: much cheaper than `build_model` (which compiles an
-    initialiser per parameter shape).
-    """
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg))
-    graphdef, state = nnx.split(abstract)
-
-    def fill(leaf: Any) -> Any:
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            keys = jax.random.split(jax.random.key(0), max(int(np.prod(leaf.shape)), 1))
-            return keys[0] if leaf.shape == () else keys.reshape(leaf.shape)
-        return jnp.asarray(np.zeros(leaf.shape, leaf.dtype))
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map(fill, state))
-
-
 def load_weights(model: nnx.Module, checkpoint: str | Path) -> str:
     """Fill `model` from a .pth file, a weights folder or a training workdir; returns the kind."""
     ckpt = Path(checkpoint)
@@ -182,7 +162,7 @@ def predict_files(config: Any, checkpoint: str | Path, inputs: Sequence[str | Pa
     files = list_images(inputs)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = skeleton_model(config.model)
+    model = build_model(config.model)
     load_weights(model, checkpoint)
     apply_fn = make_apply_fn(model)
     num_classes = int(config.model.num_classes)
