@@ -1,4 +1,5 @@
 """Model structure and parity with mmsegmentation's forward outputs (../shared/fixtures/mmseg)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,3 +114,29 @@ def test_bfloat16_option_runs_close(fixtures_dir):
     assert out.dtype == jnp.float32
     agree = np.mean(np.argmax(np.asarray(out), -1) == np.argmax(np.asarray(ref), -1))
     assert agree > 0.95
+
+
+def test_with_cp_and_norm_eval_options():
+    def loss_and_grads(**opts):
+        cfg = _tiny("fcn")
+        for k, v in opts.items():
+            cfg[k] = v
+        model = build_model(cfg, seed=0)
+        model.train()
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def f(p):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            return jnp.mean(m(x)[0] ** 2)
+        return jax.value_and_grad(f)(params), model
+
+    (plain, g1), _ = loss_and_grads()
+    (cp, g2), _ = loss_and_grads(with_cp=True)
+    assert float(plain) == pytest.approx(float(cp), rel=1e-6)
+    k = lambda g: np.asarray(g["backbone"]["encoder"][0][0]["convs"][0]["conv"]["kernel"][...])
+    np.testing.assert_allclose(k(g1), k(g2), rtol=1e-5, atol=1e-7)
+    (_, _), model = loss_and_grads(norm_eval=True)
+    bn = model.backbone.encoder[0][0].convs[0].bn
+    assert bn.frozen and float(np.abs(np.asarray(bn.mean[...])).max()) == 0.0
+    assert not model.decode_head.convs[0].bn.frozen

@@ -47,8 +47,9 @@ class BatchNorm(nnx.Module):
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
-                 use_running_average: bool = False):
+                 use_running_average: bool = False, frozen: bool = False):
         self.num_features = num_features
+        self.frozen = frozen  # mmseg norm_eval: running statistics even in training
         self.eps = eps
         self.momentum = momentum
         self.use_running_average = use_running_average
@@ -61,7 +62,7 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         xf = x.astype(jnp.float32)
-        if self.use_running_average:
+        if self.use_running_average or self.frozen:
             mean, var = self.mean[...], self.var[...]
         else:
             axes = tuple(range(x.ndim - 1))

@@ -64,7 +64,8 @@ def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) 
         downsamples=tuple(model_cfg.get("downsamples", (True,) * (num_stages - 1))),
         enc_dilations=tuple(model_cfg.get("enc_dilations", (1,) * num_stages)),
         dec_dilations=tuple(model_cfg.get("dec_dilations", (1,) * (num_stages - 1))),
-        dtype=dtype, rngs=rngs)
+        with_cp=bool(model_cfg.get("with_cp", False)),
+        norm_eval=bool(model_cfg.get("norm_eval", False)), dtype=dtype, rngs=rngs)
     num_classes = int(model_cfg.num_classes)
     dropout = float(model_cfg.get("dropout_ratio", 0.1))
     head = model_cfg.head

@@ -11,14 +11,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unet_jax.models.layers import ConvModule, MaxPool, Upsample
+from unet_jax.models.layers import BatchNorm, ConvModule, MaxPool, Upsample
 
 
 class BasicConvBlock(nnx.Module):
     """`num_convs` 3x3 ConvModules; the first carries the stride, the others the dilation."""
 
     def __init__(self, in_channels: int, out_channels: int, num_convs: int = 2, stride: int = 1,
-                 dilation: int = 1, *, dtype=jnp.float32, rngs: nnx.Rngs):
+                 dilation: int = 1, *, with_cp: bool = False, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.with_cp = with_cp
         convs = []
         for k in range(num_convs):
             convs.append(ConvModule(
@@ -28,6 +30,11 @@ class BasicConvBlock(nnx.Module):
         self.convs = nnx.List(convs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.with_cp:  # mmseg with_cp: recompute activations in the backward pass
+            return nnx.remat(BasicConvBlock._forward)(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: jax.Array) -> jax.Array:
         for conv in self.convs:
             x = conv(x)
         return x
@@ -51,9 +58,10 @@ class UpConvBlock(nnx.Module):
     """Upsample the deeper map, concatenate [skip, upsampled], then a BasicConvBlock."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, num_convs: int,
-                 dilation: int, upsample: bool, *, dtype=jnp.float32, rngs: nnx.Rngs):
+                 dilation: int, upsample: bool, *, with_cp: bool = False, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.conv_block = BasicConvBlock(2 * skip_channels, out_channels, num_convs, 1, dilation,
-                                         dtype=dtype, rngs=rngs)
+                                         with_cp=with_cp, dtype=dtype, rngs=rngs)
         if upsample:
             self.upsample = InterpConv(in_channels, skip_channels, dtype=dtype, rngs=rngs)
         else:
@@ -73,8 +81,8 @@ class UNet(nnx.Module):
                  dec_num_convs: Sequence[int] = (2, 2, 2, 2),
                  downsamples: Sequence[bool] = (True, True, True, True),
                  enc_dilations: Sequence[int] = (1, 1, 1, 1, 1),
-                 dec_dilations: Sequence[int] = (1, 1, 1, 1),
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dec_dilations: Sequence[int] = (1, 1, 1, 1), with_cp: bool = False,
+                 norm_eval: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
         for name, value, want in (("strides", strides, num_stages),
                                   ("enc_num_convs", enc_num_convs, num_stages),
                                   ("enc_dilations", enc_dilations, num_stages),
@@ -96,14 +104,19 @@ class UNet(nnx.Module):
                     stage.append(MaxPool())
                 upsample = strides[i] != 1 or downsamples[i - 1]
                 decoder.append(UpConvBlock(width, width // 2, width // 2, dec_num_convs[i - 1],
-                                           dec_dilations[i - 1], upsample, dtype=dtype,
-                                           rngs=rngs))
+                                           dec_dilations[i - 1], upsample, with_cp=with_cp,
+                                           dtype=dtype, rngs=rngs))
             stage.append(BasicConvBlock(channels_in, width, enc_num_convs[i], strides[i],
-                                        enc_dilations[i], dtype=dtype, rngs=rngs))
+                                        enc_dilations[i], with_cp=with_cp, dtype=dtype,
+                                        rngs=rngs))
             encoder.append(nnx.List(stage))
             channels_in = width
         self.encoder = nnx.List(encoder)
         self.decoder = nnx.List(decoder)
+        if norm_eval:  # mmseg norm_eval: backbone BatchNorms keep their running statistics
+            for _, module in nnx.iter_graph(self):
+                if isinstance(module, BatchNorm):
+                    module.frozen = True
 
     @property
     def downsample_rate(self) -> int:
