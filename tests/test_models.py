@@ -118,18 +118,20 @@ def test_bfloat16_option_runs_close(fixtures_dir):
 
 def test_with_cp_and_norm_eval_options():
     def loss_and_grads(**opts):
-        cfg = _tiny("fcn")
+        cfg = _tiny("fcn")  # a 3-stage UNet keeps the three compiles short
+        cfg.update(num_stages=3, strides=(1, 1, 1), enc_num_convs=(2, 2, 2), dec_num_convs=(2, 2),
+                   downsamples=(True, True), enc_dilations=(1, 1, 1), dec_dilations=(1, 1))
         for k, v in opts.items():
             cfg[k] = v
         model = build_model(cfg, seed=0)
         model.train()
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3)), jnp.float32)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def f(p):
             m = nnx.merge(graphdef, p, rest, copy=True)
             return jnp.mean(m(x)[0] ** 2)
-        return jax.value_and_grad(f)(params), model
+        return jax.jit(jax.value_and_grad(f))(params), model
 
     (plain, g1), _ = loss_and_grads()
     (cp, g2), _ = loss_and_grads(with_cp=True)
