@@ -12,10 +12,10 @@ from PIL import Image
 
 from conftest import FIXTURES, require_shared
 from unet_jax import inference as inf
+import mmseg_fixtures
 from unet_jax.models import build_model
 from unet_jax.models.state_dict import load_state_dict
 from unet_jax.pth_reader import extract_state_dict, load_pth
-from unet_jax.zoo import base_config
 
 WINDOWS = 16  # batch_windows used for the 32x32-crop fixtures: one compiled forward for all
 
@@ -25,10 +25,7 @@ TTA_CROP_BGR_SHA256 = "f6da137906366204a941765adbbee867f77b06281e788b554986e4ebf
 
 def tiny_config():
     """The drive fcn config at the fixtures' tiny widths."""
-    c = base_config("drive", "fcn")
-    c.model.base_channels = 8
-    c.model.head_channels = 8
-    return c
+    return mmseg_fixtures.tiny_config("drive", "fcn")
 
 
 @pytest.fixture(scope="module")

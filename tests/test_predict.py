@@ -12,17 +12,16 @@ from PIL import Image
 
 from conftest import DATA, FIXTURES, REPO, require_shared
 from unet_jax import convert, predict
+import mmseg_fixtures
 from unet_jax.models import build_model
-from unet_jax.zoo import RETINAL_PALETTE, base_config
+from unet_jax.zoo import RETINAL_PALETTE
 
 TINY = ["--config.model.base_channels=8", "--config.model.head_channels=8"]
 
 
 def tiny_config():
-    c = base_config("drive", "fcn")
-    c.model.base_channels = 8
-    c.model.head_channels = 8
-    return c
+    """The drive fcn config at the fixtures' tiny widths."""
+    return mmseg_fixtures.tiny_config("drive", "fcn")
 
 
 @pytest.fixture(scope="module")
