@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unet_jax.data import fast_transforms as F
 from unet_jax.data import transforms as T
 
 # fixture README, "Transform details": full sha256 of the RandomResize outputs of image 21.
@@ -186,28 +187,28 @@ def test_resize_linear_window_equals_cv2() -> None:
         shape = (h, w, 3) if k % 3 else (h, w)
         img = cv2.GaussianBlur(rng.integers(0, 256, shape, dtype=np.uint8), (5, 5), 1.5)
         ref = cv2.resize(img, (dw, dh), interpolation=cv2.INTER_LINEAR)
-        ours = T.resize_linear_window(img, (dh, dw), np.arange(dh), np.arange(dw))
+        ours = F.resize_linear_window(img, (dh, dw), np.arange(dh), np.arange(dw))
         np.testing.assert_array_equal(ours, ref, err_msg=f"{(h, w)} -> {(dh, dw)}")
         y, x = int(rng.integers(0, dh)), int(rng.integers(0, dw))
-        win = T.resize_linear_window(img, (dh, dw), np.arange(y, dh), np.arange(x, dw))
+        win = F.resize_linear_window(img, (dh, dw), np.arange(y, dh), np.arange(x, dw))
         np.testing.assert_array_equal(win, ref[y:, x:])
         ref_nn = cv2.resize(img, (dw, dh), interpolation=cv2.INTER_NEAREST)
-        nn = img[T.nearest_index(np.arange(dh), h, dh)][:, T.nearest_index(np.arange(dw), w, dw)]
+        nn = img[F.nearest_index(np.arange(dh), h, dh)][:, F.nearest_index(np.arange(dw), w, dw)]
         np.testing.assert_array_equal(nn, ref_nn, err_msg=f"nearest {(h, w)} -> {(dh, dw)}")
 
 
 def test_train_batch_equals_reference(pair21) -> None:
     img, lab = pair21
     rng = np.random.default_rng(1)
-    params = [T.sample_params(rng) for _ in range(24)]
+    params = [F.sample_params(rng) for _ in range(24)]
     # two special cases: ratio exactly 1 (no resize) and the smallest ratio
-    params[0] = T.AugParams(**{**params[0].__dict__, "ratio_u": 1 / 3})
-    params[1] = T.AugParams(**{**params[1].__dict__, "ratio_u": 0.0})
-    out, out_lab = T.train_batch([img] * 24, [lab] * 24, params, _Data)
+    params[0] = F.AugParams(**{**params[0].__dict__, "ratio_u": 1 / 3})
+    params[1] = F.AugParams(**{**params[1].__dict__, "ratio_u": 0.0})
+    out, out_lab = F.train_batch([img] * 24, [lab] * 24, params, _Data)
     assert out.shape == (24, 64, 64, 3) and out.dtype == np.float32
     assert out_lab.shape == (24, 64, 64) and out_lab.dtype == np.int32
     for k, p in enumerate(params):
-        draws = T.ParamDraws(p)
+        draws = F.ParamDraws(p)
         ref_img, ref_lab = T.train_sample(img, lab, draws, _Data)
         assert not (draws.coins or draws.amounts or draws.randoms), f"sample {k}: draws left"
         np.testing.assert_array_equal(out[k], ref_img, err_msg=f"sample {k}")
@@ -223,10 +224,10 @@ def test_train_batch_pads_small_crops() -> None:
     class Small(_Data):
         img_scale, crop_size = (70, 50), (64, 64)
 
-    params = [T.sample_params(rng) for _ in range(6)]
-    out, out_lab = T.train_batch([img] * 6, [lab] * 6, params, Small)
+    params = [F.sample_params(rng) for _ in range(6)]
+    out, out_lab = F.train_batch([img] * 6, [lab] * 6, params, Small)
     for k, p in enumerate(params):
-        ref_img, ref_lab = T.train_sample(img, lab, T.ParamDraws(p), Small)
+        ref_img, ref_lab = T.train_sample(img, lab, F.ParamDraws(p), Small)
         np.testing.assert_array_equal(out[k], ref_img)
         np.testing.assert_array_equal(out_lab[k], ref_lab)
     assert (out_lab == 255).any() and (out == 0).all(axis=-1).any()
@@ -242,4 +243,4 @@ def test_vectorised_acceptance_equals_crop_accepted() -> None:
     for crops in (binary, multi, np.zeros((3, 8, 8), np.uint8)):
         for ratio in (0.75, 0.7, 0.5):
             expected = [T.crop_accepted(c, ratio) for c in crops]
-            np.testing.assert_array_equal(T._accepted_many(crops, ratio, 255), expected)
+            np.testing.assert_array_equal(F._accepted_many(crops, ratio, 255), expected)

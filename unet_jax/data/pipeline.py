@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from unet_jax.data import fast_transforms as F
 from unet_jax.data import transforms as T
 
 _PERM_STREAM, _AUG_STREAM = 0, 1
@@ -126,9 +127,9 @@ class TrainSampler:
         n = len(self.records)
         return int(self._permutation(i // n)[i % n])
 
-    def params(self, i: int) -> T.AugParams:
+    def params(self, i: int) -> F.AugParams:
         """All augmentation randomness of global sample `i`."""
-        return T.sample_params(np.random.default_rng([self.seed, _AUG_STREAM, int(i)]))
+        return F.sample_params(np.random.default_rng([self.seed, _AUG_STREAM, int(i)]))
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The decoded (BGR image, label) that global sample `i` augments."""
@@ -138,12 +139,12 @@ class TrainSampler:
     def reference(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample `i` through the mmseg-structured reference (`transforms.train_sample`)."""
         image, label = self.pair(i)
-        return T.train_sample(image, label, T.ParamDraws(self.params(i)), self.data_cfg)
+        return T.train_sample(image, label, F.ParamDraws(self.params(i)), self.data_cfg)
 
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples `indices`: float32 (B, h, w, 3) normalised RGB and int32 (B, h, w) labels."""
         pairs = [self.pair(i) for i in indices]
-        return T.train_batch([p[0] for p in pairs], [p[1] for p in pairs],
+        return F.train_batch([p[0] for p in pairs], [p[1] for p in pairs],
                              [self.params(i) for i in indices], self.data_cfg)
 
 
