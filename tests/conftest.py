@@ -32,3 +32,24 @@ def fixtures_dir() -> Path:
 def data_dir() -> Path:
     """../shared/data, or skip/fail."""
     return require_shared(DATA)
+
+
+@pytest.fixture(scope="session")
+def run_env(tmp_path_factory, request) -> dict[str, str]:
+    """Environment for CLI subprocesses: prepared tiny data and a shared compilation cache."""
+    root = tmp_path_factory.mktemp("train_env")
+    # XLA compilations are cached across sessions in .pytest_cache (first session: cold).
+    cache = getattr(request.config, "cache", None)
+    jax_cache = cache.mkdir("unet_jax_jax_cache") if cache is not None else root / "jax_cache"
+    from train_helpers import tiny_config
+    from unet_jax import data
+
+    data.prepare(tiny_config(root / "tfds").data)
+    env = dict(os.environ)
+    env.update(UNET_JAX_TEST_TFDS=str(root / "tfds"),
+               JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    env.pop("UNET_JAX_TEST_SIGNAL_AT", None)
+    return env

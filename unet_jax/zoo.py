@@ -37,6 +37,9 @@ DATASETS: dict[str, dict[str, Any]] = {
                       eval_every=4000, image_size=(960, 999), mode="slide"),
     "hrf": dict(img_scale=(2336, 3504), crop=(256, 256), stride=(170, 170), steps=40000,
                 eval_every=4000, image_size=(2336, 3504), mode="slide"),
+    # The no-download demo set of `unet_jax.data.synthetic` (192 x 192 fundus-like images).
+    "synthetic": dict(img_scale=(192, 192), crop=(64, 64), stride=(42, 42), steps=2000,
+                      eval_every=500, image_size=(192, 192), mode="slide"),
     "cityscapes": dict(img_scale=(2048, 1024), crop=(512, 1024), stride=(512, 1024),
                        steps=160000, eval_every=16000, image_size=(1024, 2048), mode="whole"),
 }
@@ -100,6 +103,8 @@ def base_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
         downsamples=(True, True, True, True),
         enc_dilations=(1, 1, 1, 1, 1),
         dec_dilations=(1, 1, 1, 1),
+        with_cp=False,           # activation checkpointing (memory only, same maths)
+        norm_eval=False,         # freeze backbone BatchNorm statistics during training
         dropout_ratio=0.1,
         pool_scales=(1, 2, 3, 6),
         dilations=(1, 12, 24, 36),

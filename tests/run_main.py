@@ -1,0 +1,40 @@
+"""`python -m unet_jax.main` for tests, able to signal itself at a chosen step.
+
+UNET_JAX_TEST_SIGNAL_AT="<signal>:<step>[:<checkpoint>]" (signal TERM or KILL) sends that signal
+to this process right after it writes a metrics.jsonl line of <step>; with <checkpoint>, it
+first waits (up to 60 s) until that periodic checkpoint is committed.
+"""
+import os
+import signal
+import sys
+import time
+
+from unet_jax import main, train
+
+
+def _install() -> None:
+    spec = os.environ.get("UNET_JAX_TEST_SIGNAL_AT", "")
+    if not spec:
+        return
+    name, step, *wait_for = spec.split(":")
+    signum = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}[name]
+    write = train.MetricsLog.write
+
+    def write_and_signal(self, record):
+        write(self, record)
+        if int(record["step"]) != int(step):
+            return
+        if wait_for:
+            committed = self.path.parent / "checkpoints" / wait_for[0]
+            deadline = time.monotonic() + 60
+            while not committed.is_dir() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+
+    train.MetricsLog.write = write_and_signal
+
+
+if __name__ == "__main__":
+    _install()
+    sys.argv[0] = "unet_jax.main"
+    main.run()

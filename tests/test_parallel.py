@@ -1,0 +1,123 @@
+"""Data parallelism: 1 device vs 4 devices vs 2 processes x 2 devices give the same training."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from train_helpers import REPO, RUN_MAIN, TINY, read_metrics, run_cli
+
+FLAGS = ("--config.train.num_steps=3", "--config.train.batch_size=4",
+         "--config.train.log_every=1", "--config.train.eval_every=0",
+         "--config.train.checkpoint_every=0")
+TERMS = ("loss", "decode.loss_ce", "aux.loss_ce", "lr")
+
+
+def _devices_env(env: dict[str, str], count: int) -> dict[str, str]:
+    env = dict(env)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+    return env
+
+
+def _train_lines(workdir: Path) -> list[dict]:
+    return [r for r in read_metrics(workdir) if r["split"] == "train"]
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    lines_a, lines_b = _train_lines(a), _train_lines(b)
+    assert [r["step"] for r in lines_a] == [r["step"] for r in lines_b] == [1, 2, 3]
+    for ra, rb in zip(lines_a, lines_b):
+        for key in TERMS:
+            assert rb[key] == pytest.approx(ra[key], rel=2e-5, abs=1e-6), (ra["step"], key)
+    va = [r for r in read_metrics(a) if r["split"] == "validation"][-1]
+    vb = [r for r in read_metrics(b) if r["split"] == "validation"][-1]
+    assert vb["aAcc"] == pytest.approx(va["aAcc"], abs=0.02)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def four_device_run(tmp_path_factory, run_env) -> Path:
+    workdir = tmp_path_factory.mktemp("par") / "four"
+    done = run_cli(_devices_env(run_env, 4), workdir, *FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+def test_four_devices_match_one(tmp_path, run_env, four_device_run):
+    one = tmp_path / "one"
+    done = run_cli(_devices_env(run_env, 1), one, *FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_training(one, four_device_run)
+
+
+def test_two_processes_match_one_process(tmp_path, run_env, four_device_run):
+    workdir = tmp_path / "multi"
+    env = _devices_env(run_env, 2)
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, str(RUN_MAIN), f"--config={TINY}", f"--workdir={workdir}",
+               "--jax_cache_dir=", f"--coordinator_address={address}", "--num_processes=2",
+               f"--process_id={pid}", *FLAGS]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "4 cpu device(s) in 2 process(es), global batch 4 (2 per process)" in outputs[0][0]
+    _assert_same_training(four_device_run, workdir)
+    assert (workdir / "checkpoints" / "3" / "variables").is_dir()
+
+
+def test_mesh_and_global_batch_in_process():
+    from unet_jax import parallel
+    mesh = parallel.make_mesh()
+    assert mesh.axis_names == ("data",) and mesh.devices.size == jax.device_count()
+    n = jax.device_count()
+    batch = parallel.global_batch({"image": np.ones((2 * n, 4, 4, 3), np.float32)}, mesh)
+    assert batch["image"].shape == (2 * n, 4, 4, 3)
+    assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+    with pytest.raises(ValueError, match="train.batch_size"):
+        parallel.check_batch_size(0, mesh)
+    tree = parallel.replicate({"w": np.arange(3.0)}, mesh)
+    assert tree["w"].sharding.is_fully_replicated
+    np.testing.assert_array_equal(parallel.to_host(tree)["w"], np.arange(3.0))
+
+
+def test_multihost_detection(monkeypatch):
+    from unet_jax import parallel
+    for name in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
+                 "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "SLURM_JOB_ID", "SLURM_NTASKS",
+                 "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.detect_multihost_env() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert parallel.detect_multihost_env() is None  # a single task is not multi-host
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert parallel.detect_multihost_env() == "SLURM"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1,t2")
+    assert parallel.detect_multihost_env() == "TPU pod"
+    with pytest.raises(ValueError, match="--num_processes"):
+        parallel.initialize("127.0.0.1:1234", None, 0)
+    assert not os.environ.get("JAX_COORDINATOR_ADDRESS")

@@ -1,0 +1,113 @@
+"""The training loop end to end on tiny synthetic data: outputs, logs, resume after SIGTERM/SIGKILL."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from train_helpers import read_metrics, run_cli, tiny_config
+
+
+def final_arrays(workdir: Path) -> dict[str, np.ndarray]:
+    """Every array of the last periodic checkpoint (variables and optimiser state), flat."""
+    import orbax.checkpoint as ocp
+    ckpt_dir = workdir / "checkpoints"
+    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    out = {}
+    for item in ("variables", "opt_state"):
+        tree = ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / item)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            out[f"{item}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    return out
+
+
+def test_one_step_run_writes_everything(tmp_path, run_env):
+    from unet_jax.optim import poly_lr
+    from unet_jax.train import train_and_evaluate
+
+    config = tiny_config(Path(run_env["UNET_JAX_TEST_TFDS"]), num_steps=1)
+    summary = train_and_evaluate(config, tmp_path / "run")
+    run = tmp_path / "run"
+    records = read_metrics(run)
+    assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (1, "validation")]
+    train, val = records
+    assert np.isfinite(train["loss"]) and train["loss"] > 0
+    assert train["lr"] == pytest.approx(poly_lr(0, config.train), rel=1e-6)
+    assert {"decode.loss_ce", "aux.loss_ce", "decode.acc_seg"} <= set(train)
+    assert train["loss"] == pytest.approx(train["decode.loss_ce"] + train["aux.loss_ce"],
+                                          rel=1e-5)
+    for key in ("aAcc", "mIoU", "mDice", "mAcc"):
+        assert 0 <= val[key] <= 100
+        assert summary[key] == val[key]
+    assert set(val["Dice"]) == {"background", "vessel"}
+    assert (run / "checkpoints" / "1" / "variables").is_dir()
+    assert (run / "best" / "1" / "variables").is_dir()
+    assert len(list((run / "overlays" / "step_1").glob("*.png"))) == 1
+    assert (run / "training_curves.png").stat().st_size > 0
+    assert list(run.glob("events.out.tfevents.*"))
+    assert json.loads((run / "config.json").read_text())["train"]["num_steps"] == 1
+
+    # Eval mode reads the latest checkpoint back and reproduces the validation numbers.
+    from unet_jax.train import evaluate_checkpoint
+    again = evaluate_checkpoint(config, run)
+    assert {k: again[k] for k in ("aAcc", "mDice")} == {k: val[k] for k in ("aAcc", "mDice")}
+    assert read_metrics(run)[-1]["mode"] == "eval"
+
+
+def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, run_env):
+    flags = ("--config.train.log_every=2", "--config.train.eval_every=5")
+    ref = tmp_path / "ref"
+    done = run_cli(run_env, ref, *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref_records = read_metrics(ref)
+    assert [(r["step"], r["split"]) for r in ref_records] == [
+        (2, "train"), (4, "train"), (5, "validation"), (6, "train"), (6, "validation")]
+
+    run = tmp_path / "run"
+    steps = lambda: sorted(int(p.name) for p in (run / "checkpoints").iterdir()
+                           if p.name.isdigit())
+    # SIGTERM while step 2 is logged: the run stops after step 3 and saves it (not a periodic
+    # step; the log window then holds step 3 only).
+    stopped = run_cli(run_env, run, *flags, signal_at="TERM:2")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "resume" in stopped.stderr
+    assert steps() == [2, 3]
+    # SIGKILL after step 5 is evaluated, once the asynchronous save of step 4 (whose buffers the
+    # step-5 update donated) has committed: the next run resumes from step 4.
+    killed = run_cli(run_env, run, *flags, signal_at="KILL:5:4")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert steps() == [2, 3, 4]
+    assert [r["step"] for r in read_metrics(run)][-1] == 5
+    finished = run_cli(run_env, run, *flags)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "from step 4" in finished.stdout
+
+    assert read_metrics(run) == ref_records
+    ref_arrays, run_arrays = final_arrays(ref), final_arrays(run)
+    assert sorted(ref_arrays) == sorted(run_arrays)
+    for key, value in ref_arrays.items():
+        np.testing.assert_array_equal(run_arrays[key], value, err_msg=key)
+    best = lambda d: sorted(p.name for p in (d / "best").iterdir() if p.name.isdigit())
+    assert best(run) == best(ref)
+
+
+def test_nonfinite_loss_names_step_and_checkpoint(tmp_path, run_env):
+    from unet_jax.train import NonFiniteLossError, train_and_evaluate
+
+    config = tiny_config(Path(run_env["UNET_JAX_TEST_TFDS"]), num_steps=4, lr=1e30,
+                         eval_every=0, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d.*last good checkpoint"):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_default_workdir_and_bad_batch(tmp_path, run_env):
+    from unet_jax.train import default_workdir, train_and_evaluate
+
+    config = tiny_config(Path(run_env["UNET_JAX_TEST_TFDS"]), batch_size=0)
+    name = default_workdir(config, tmp_path).name
+    assert name.startswith("synthetic_fcn_") and len(name) == len("synthetic_fcn_20250101-000000")
+    with pytest.raises(ValueError, match="train.batch_size"):
+        train_and_evaluate(config, tmp_path / "run")

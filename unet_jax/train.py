@@ -1,0 +1,518 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop, and `evaluate_checkpoint`.
+
+Data -> one `jax.jit` step over the global batch sharded on the mesh's `data` axis (state
+replicated and donated, BatchNorm over the global batch) -> logs (metrics.jsonl, TensorBoard,
+tqdm) -> periodic evaluation (metrics, overlays, best checkpoint) -> periodic checkpoints.
+A workdir holding checkpoints is resumed from its last committed step, with exactly the data
+order, dropout masks, logs and final parameters of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from unet_jax import checkpoint, parallel, zoo
+from unet_jax.step import TrainState, create_train_state, make_train_step
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+OVERLAYS_DIR = "overlays"
+CONFIG_FILE = "config.json"
+SUMMARY_KEYS = ("aAcc", "mIoU", "mDice", "mAcc")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """SIGTERM (or a preemption notice) was received; a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int, workdir: Path):
+        super().__init__(f"stopped by SIGTERM/preemption after step {step}; checkpoint saved in "
+                         f"{workdir / checkpoint.CHECKPOINTS_DIR}; run the same command to resume")
+        self.step = step
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def default_workdir(config: Any, root: str | Path = "runs") -> Path:
+    """`runs/<dataset>_<head>_<YYYYmmdd-HHMMSS>` (the same on every process)."""
+    stamp = int(parallel.broadcast_from_main(np.asarray(int(time.time()), np.int64)))
+    when = datetime.datetime.fromtimestamp(stamp).strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{config.data.name}_{config.model.head}_{when}"
+
+
+def _cfg(node: Any, name: str, default: Any) -> Any:
+    return node.get(name, default) if hasattr(node, "get") else getattr(node, name, default)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class MetricsLog:
+    """`<workdir>/metrics.jsonl` (one JSON object per line); writes only on process 0."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / METRICS_FILE
+        self.enabled = parallel.is_main_process()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one line (flushed and synced, so a killed run keeps it)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        """All complete lines (a torn last line of a killed run is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                logging.warning("%s: skipping an unreadable line %r", self.path, line[:80])
+        return out
+
+    def truncate(self, step: int) -> None:
+        """Keep only lines with `step <= step` (what the restored checkpoint had logged)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+class TensorBoard:
+    """A tensorboardX writer on process 0 (no-op elsewhere)."""
+
+    def __init__(self, workdir: Path, start_step: int):
+        self.writer = None
+        if parallel.is_main_process():
+            from tensorboardX import SummaryWriter
+            # purge_step hides the events a killed run wrote after its last checkpoint.
+            self.writer = SummaryWriter(str(workdir), purge_step=start_step or None)
+
+    def scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
+        """Write numeric values (nested dicts become prefix/key/subkey)."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, Mapping):
+                self.scalars(f"{prefix}/{key}", value, step)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training loss and validation metrics over steps -> PNG (matplotlib Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("split") == "train" and "loss" in r]
+    val = [r for r in records if r.get("split") == "validation" and r.get("mode") != "eval"]
+    if not train and not val:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
+        axes[0].set_yscale("log")
+    axes[0].set(title="training loss", xlabel="step")
+    axes[0].grid(alpha=0.3)
+    for key in SUMMARY_KEYS:
+        points = [(r["step"], r[key]) for r in val if r.get(key) is not None]
+        if points:
+            axes[1].plot(*zip(*points), marker="o", label=key)
+    names = sorted({name for r in val for name in (r.get("Dice") or {})})
+    if len(names) == 2:  # binary sets: also the foreground class, the README's "Dice"
+        fg = [n for n in names if n != "background"][-1]
+        points = [(r["step"], r["Dice"][fg]) for r in val if r["Dice"].get(fg) is not None]
+        if points:
+            axes[1].plot(*zip(*points), marker="s", linestyle="--", label=f"Dice {fg}")
+    axes[1].set(title="validation (%)", xlabel="step")
+    axes[1].grid(alpha=0.3)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_table(summary: Mapping[str, Any], config: Any, step: int | None) -> None:
+    """mmseg-like per-class table, plus the published zoo score when there is one."""
+    from unet_jax.metrics import format_table
+    if not parallel.is_main_process():
+        return
+    where = f" at step {step}" if step is not None else ""
+    print(f"\nper-class results on {config.data.name} validation{where}:")
+    print(format_table(summary, list(config.data.classes)))
+    key = (config.data.name, config.model.head, config.loss.name)
+    if key in zoo.PUBLISHED and config.data.name != "cityscapes":
+        m, vessel = zoo.PUBLISHED[key]
+        print(f"mmseg published for {','.join(key[1:])}: mDice {m:.2f}, vessel Dice {vessel:.2f}")
+    elif key in zoo.PUBLISHED:
+        m, ms = zoo.PUBLISHED[key]
+        print(f"mmseg published for {','.join(key[1:])}: mIoU {m:.2f} (ms+flip {ms:.2f})")
+
+
+# --------------------------------------------------------------------------- data and model
+
+def load_splits(config: Any) -> tuple[Any, Any]:
+    """(train, validation) tf.data datasets of `config.data`; prepares the data the first time.
+
+    Process 0 prepares first; the others then prepare only if their disk does not see it.
+    """
+    import tensorflow as tf
+    from unet_jax import data
+
+    tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
+    if parallel.is_main_process():
+        data.prepare(config.data)
+    parallel.sync("unet_jax:data_prepared")
+    return data.load_split(config.data, "train"), data.load_split(config.data, "validation")
+
+
+def load_init(model: nnx.Module, init_from: str) -> str:
+    """Fill `model` from `init_from`: an mmseg .pth file or any unet_jax checkpoint folder."""
+    path = Path(init_from).expanduser()
+    if path.is_file():
+        from unet_jax.models.state_dict import load_state_dict
+        from unet_jax.pth_reader import extract_state_dict, load_pth
+        load_state_dict(model, extract_state_dict(load_pth(path), path), source=str(path))
+        return f"mmseg checkpoint {path}"
+    if not path.exists():
+        raise FileNotFoundError(f"init_from={init_from!r}: no such file or folder (expected an "
+                                "mmseg .pth, a weights folder or a training workdir)")
+    info = checkpoint.restore_latest_weights(path, model)
+    return f"unet_jax checkpoint {info['path']}"
+
+
+def _loss_names(logs: Mapping[str, Any]) -> list[str]:
+    return ["loss"] + sorted(k for k in logs if k not in ("loss", "lr"))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _eval_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
+    params, stats, rngs = parallel.local_copy((state.params, state.batch_stats, state.rngs))
+    model = nnx.merge(graphdef, params, stats, rngs)
+    model.eval()
+    return model
+
+
+def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples: int = 0,
+                   progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate `model` on the validation split -> (summary, first `num_examples` examples)."""
+    from unet_jax.data.pipeline import eval_dataset
+    from unet_jax.evaluate import evaluate
+
+    samples = eval_dataset(val_ds, config.data, int(_cfg(config.eval, "max_images", 0) or 0))
+    result = evaluate(model, samples, config, progress=progress, return_examples=num_examples)
+    if num_examples:
+        summary, examples = result
+    else:
+        summary, examples = result, []
+    return summary, examples
+
+
+def save_overlays(examples: list[dict[str, Any]], directory: Path, palette: Any) -> None:
+    """image | ground truth | prediction PNGs, one per example (process 0 only)."""
+    from unet_jax.evaluate import save_comparison_png
+    if not parallel.is_main_process():
+        return
+    for k, ex in enumerate(examples):
+        name = str(ex.get("name") or k).replace("/", "_")
+        save_comparison_png(directory / f"{name}.png", ex["image"], ex["label"], ex["pred"],
+                            palette)
+
+
+# --------------------------------------------------------------------------- training
+
+def _check_config(config: Any) -> None:
+    for section in ("model", "loss", "train", "data", "eval"):
+        if section not in config:
+            raise ValueError(f"config: expected a `{section}` section (see unet_jax/zoo.py); "
+                             f"found sections {sorted(config.keys())}")
+    t = config.train
+    if int(t.num_steps) < 1:
+        raise ValueError(f"train.num_steps: expected >= 1, found {t.num_steps}")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        if int(_cfg(t, name, 1)) < 0:
+            raise ValueError(f"train.{name}: expected >= 0 (0 = only at the end), found "
+                             f"{_cfg(t, name, 1)}")
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Train `config` in `workdir` (resuming if it holds checkpoints); returns the final summary.
+
+    Writes `metrics.jsonl`, TensorBoard events, `checkpoints/`, `best/`, `overlays/step_<N>/`,
+    `training_curves.png` and `config.json` into `workdir`. Raises `NonFiniteLossError` if the
+    loss stops being finite and `Preempted` after saving on SIGTERM.
+    """
+    _check_config(config)
+    workdir = Path(workdir).absolute()
+    main = parallel.is_main_process()
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+    parallel.sync("unet_jax:workdir")
+    t = config.train
+    num_steps = int(t.num_steps)
+    log_every = int(_cfg(t, "log_every", 50))
+    eval_every = int(_cfg(t, "eval_every", 0))
+    ckpt_every = int(_cfg(t, "checkpoint_every", 0))
+    seed = int(t.seed)
+
+    mesh = parallel.make_mesh()
+    local_batch = parallel.check_batch_size(int(t.batch_size), mesh)
+    if main:
+        print(f"{workdir}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
+              f"{jax.process_count()} process(es), global batch {int(t.batch_size)} "
+              f"({local_batch} per process), model dtype {config.model.get('dtype', 'float32')}")
+    train_ds, val_ds = load_splits(config)
+
+    ckpts = checkpoint.TrainCheckpoints(
+        workdir, keep=int(_cfg(t, "keep_checkpoints", 3)),
+        metric=str(_cfg(config.eval, "metric", "mDice")))
+    resume_step = ckpts.latest_step()
+    model = _build(config)
+    if resume_step is None and _cfg(config, "init_from", ""):
+        source = load_init(model, str(config.init_from))
+        if main:
+            print(f"initialised from {source}")
+    graphdef, state, tx = create_train_state(model, t)
+    del model
+    state = parallel.replicate(state, mesh)
+    loop: dict[str, Any] = {}
+    log = MetricsLog(workdir)
+    if resume_step is not None:
+        state, loop = ckpts.restore(state, resume_step)
+        if main:
+            print(f"resuming {workdir} from step {resume_step}")
+    log.truncate(resume_step or 0)
+    start = int(resume_step or 0)
+    board = TensorBoard(workdir, start)
+
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(make_train_step(graphdef, tx, config),
+                      in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                      out_shardings=(state_sharding, parallel.replicated(mesh)),
+                      donate_argnums=0)
+
+    from unet_jax.data.pipeline import train_dataset
+    batches: Iterator[dict[str, np.ndarray]] = train_dataset(
+        train_ds, config.data, global_batch_size=int(t.batch_size), seed=seed, start_step=start,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    ).as_numpy_iterator()
+
+    window: dict[str, float] = dict(loop.get("window", {}))
+    count = int(loop.get("count", 0))
+    watcher = checkpoint.PreemptionWatcher()
+    from tqdm import tqdm
+    bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not main,
+               dynamic_ncols=True, mininterval=1.0)
+    last_summary: dict[str, Any] | None = None
+    tic, tic_step = time.perf_counter(), start
+    pending: tuple[int, Any] | None = None
+
+    def last_good() -> str:
+        latest = ckpts.latest_step()
+        return (f"{ckpts.directory / str(latest)} (step {latest})" if latest is not None
+                else "none (no checkpoint was committed)")
+
+    def consume(step: int, logs: Any) -> dict[str, float]:
+        nonlocal count
+        values = {k: float(v) for k, v in parallel.to_host(logs).items()}
+        if not math.isfinite(values["loss"]):
+            ckpts.wait()
+            raise NonFiniteLossError(
+                f"training loss is {values['loss']} at step {step} (terms "
+                f"{ {k: v for k, v in values.items() if k != 'lr'} }); the last good checkpoint "
+                f"is {last_good()}; lower train.lr or check the data")
+        for k in _loss_names(values):
+            window[k] = window.get(k, 0.0) + values[k]
+        count += 1
+        bar.update(1)
+        return values
+
+    try:
+        if start >= num_steps:
+            last_summary = _finished_summary(log, config, graphdef, state, val_ds, start)
+        for step in range(start + 1, num_steps + 1):
+            batch = parallel.global_batch(next(batches), mesh)
+            state, logs = step_fn(state, batch)
+            if pending is not None:
+                consume(*pending)
+            pending = (step, logs)
+            stop = watcher.reached(step)
+            do_log = _every(step, log_every) or step == num_steps
+            do_eval = _every(step, eval_every) or step == num_steps
+            do_ckpt = _every(step, ckpt_every) or step == num_steps or stop
+            if not (do_log or do_eval or do_ckpt):
+                continue
+            values = consume(*pending)
+            pending = None
+            if do_log:
+                now = time.perf_counter()
+                rate = (step - tic_step) * int(t.batch_size) / max(now - tic, 1e-9)
+                tic, tic_step = now, step
+                means = {k: v / max(count, 1) for k, v in window.items()}
+                record = {"step": step, "split": "train", **means, "lr": values["lr"]}
+                log.write(record)
+                board.scalars("train", {**means, "lr": values["lr"], "images_per_s": rate}, step)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                img_s=f"{rate:.1f}", refresh=False)
+                window.clear()
+                count = 0
+            if do_eval:
+                last_summary = _evaluate_and_log(config, graphdef, state, val_ds, step, log,
+                                                 board, ckpts, workdir)
+                tic = time.perf_counter()  # evaluation time does not count as training
+                tic_step = step
+            if do_ckpt:
+                ckpts.save(state, {"window": window, "count": count})
+            if stop:
+                ckpts.wait()
+                raise Preempted(step, workdir)
+        if pending is not None:
+            consume(*pending)
+        ckpts.wait()
+    finally:
+        bar.close()
+        watcher.close()
+        board.close()
+        ckpts.close()
+
+    if last_summary is None:
+        raise RuntimeError("training ended without an evaluation")
+    final_step = max(start, num_steps)
+    print_table(last_summary, config, final_step)
+    if main:
+        plot_curves(log.read(), workdir / CURVES_FILE)
+        print(f"metrics: {log.path}\ncurves: {workdir / CURVES_FILE}\n"
+              f"checkpoints: {ckpts.directory} (best {config.eval.metric}: {ckpts.best_directory})")
+    return last_summary
+
+
+def _build(config: Any) -> nnx.Module:
+    from unet_jax.models import build_model
+    return build_model(config.model, seed=int(config.train.seed))
+
+
+def _evaluate_and_log(config: Any, graphdef: nnx.GraphDef, state: TrainState, val_ds: Any,
+                      step: int, log: MetricsLog, board: TensorBoard,
+                      ckpts: checkpoint.TrainCheckpoints, workdir: Path) -> dict[str, Any]:
+    num_overlays = int(_cfg(config.train, "num_overlays", 4))
+    model = _eval_model(graphdef, state)
+    summary, examples = run_evaluation(model, val_ds, config, num_examples=num_overlays,
+                                       progress=parallel.is_main_process())
+    log.write({"step": step, "split": "validation", **summary})
+    board.scalars("validation", summary, step)
+    save_overlays(examples, workdir / OVERLAYS_DIR / f"step_{step}", config.data.palette)
+    if parallel.is_main_process():
+        brief = ", ".join(f"{k} {summary.get(k)}" for k in SUMMARY_KEYS)
+        tqdm_write(f"step {step}: validation {brief}")
+    ckpts.save_best(state, summary, {"classes": list(config.data.classes),
+                                     "palette": [list(p) for p in config.data.palette],
+                                     "source": f"unet_jax training {workdir}"})
+    return summary
+
+
+def tqdm_write(message: str) -> None:
+    """Print without breaking the progress bar."""
+    from tqdm import tqdm
+    tqdm.write(message)
+
+
+def _finished_summary(log: MetricsLog, config: Any, graphdef: nnx.GraphDef, state: TrainState,
+                      val_ds: Any, step: int) -> dict[str, Any]:
+    """The final validation line of a run that is already complete (evaluated if missing)."""
+    for record in reversed(log.read()):
+        if (record.get("split") == "validation" and record.get("step") == step
+                and record.get("mode") != "eval"):
+            if parallel.is_main_process():
+                print(f"{log.path.parent}: already trained to step {step}")
+            return {k: v for k, v in record.items() if k not in ("step", "split")}
+    summary, _ = run_evaluation(_eval_model(graphdef, state), val_ds, config)
+    log.write({"step": step, "split": "validation", **summary})
+    return summary
+
+
+# --------------------------------------------------------------------------- eval mode
+
+def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of `workdir` (or `config.init_from`) on the validation split.
+
+    Appends a line (split "validation", mode "eval") to `<workdir>/metrics.jsonl` when a workdir
+    is given, prints the per-class table and returns the summary.
+    """
+    _check_config(config)
+    source = None
+    if workdir is not None and (Path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
+        source = Path(workdir)
+    elif _cfg(config, "init_from", ""):
+        source = Path(str(config.init_from))
+    if source is None:
+        raise FileNotFoundError(
+            f"eval mode: expected checkpoints in {Path(workdir or '.') / checkpoint.CHECKPOINTS_DIR}"
+            " or --config.init_from=CKPT (a weights folder, a workdir or an mmseg .pth); "
+            "found neither")
+    _, val_ds = load_splits(config)
+    model = _build(config)
+    if source.is_file():
+        load_init(model, str(source))
+        step = None
+    else:
+        info = checkpoint.restore_latest_weights(source, model)
+        step = info.get("step")
+        if parallel.is_main_process():
+            print(f"evaluating {info['path']}")
+    model.eval()
+    summary, examples = run_evaluation(model, val_ds, config,
+                                       num_examples=int(_cfg(config.train, "num_overlays", 4)))
+    if workdir is not None:
+        workdir = Path(workdir)
+        if parallel.is_main_process():
+            workdir.mkdir(parents=True, exist_ok=True)
+        MetricsLog(workdir).write({"step": int(step or 0), "split": "validation", "mode": "eval",
+                                   **summary})
+        save_overlays(examples, workdir / OVERLAYS_DIR / f"eval_step_{int(step or 0)}",
+                      config.data.palette)
+    print_table(summary, config, step)
+    return summary
