@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from unet_jax import main, train
+from unet_jax import main, run_logs
 
 
 def _install() -> None:
@@ -18,7 +18,7 @@ def _install() -> None:
         return
     name, step, *wait_for = spec.split(":")
     signum = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}[name]
-    write = train.MetricsLog.write
+    write = run_logs.MetricsLog.write
 
     def write_and_signal(self, record):
         write(self, record)
@@ -31,7 +31,7 @@ def _install() -> None:
                 time.sleep(0.05)
         os.kill(os.getpid(), signum)
 
-    train.MetricsLog.write = write_and_signal
+    run_logs.MetricsLog.write = write_and_signal
 
 
 if __name__ == "__main__":
