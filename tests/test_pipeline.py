@@ -87,6 +87,32 @@ def test_host_sharding_concatenates_to_global_batch(drive) -> None:
         P.train_dataset(_ds(drive), cfg, global_batch_size=6, seed=1, process_count=4)
 
 
+def test_host_shard_reads_only_the_hosts_images() -> None:
+    """With host_shard each host draws only from its own shard, deterministically per step."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 80, 80, 3), dtype=np.uint8)
+    labels = np.stack([np.full((80, 80), k // 3, np.uint8) for k in range(6)])
+    names = np.array([f"im{k}" for k in range(6)])
+    full = _ds({"image": images, "label": labels, "name": names})
+    shards = [full.take(3), full.skip(3)]  # what host_train_split gives each of 2 hosts
+    cfg = _cfg()
+
+    def run(p: int, start: int, n: int):
+        return _take(P.train_dataset(shards[p], cfg, global_batch_size=8, seed=2, start_step=start,
+                                     process_index=p, process_count=2, host_shard=True), n)
+
+    for p in range(2):
+        batches = run(p, 0, 3)
+        for b in batches:
+            assert b["label"].shape == (4, 64, 64)
+            assert set(np.unique(b["label"])) == {p}, f"host {p} used another host's image"
+        for x, y in zip(batches[1:], run(p, 1, 2)):
+            np.testing.assert_array_equal(x["image"], y["image"])
+    assert P.host_train_split(0, 1) == "train"
+    splits = [str(P.host_train_split(p, 2)) for p in range(2)]
+    assert splits[0] != splits[1]
+
+
 def test_samples_follow_epoch_permutations_and_reference(drive) -> None:
     sampler = P.TrainSampler(P.cache_records(_ds(drive)), _cfg(), seed=7)
     assert [r.name for r in sampler.records] == sorted(drive["name"])

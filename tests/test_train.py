@@ -111,3 +111,16 @@ def test_default_workdir_and_bad_batch(tmp_path, run_env):
     assert name.startswith("synthetic_fcn_") and len(name) == len("synthetic_fcn_20250101-000000")
     with pytest.raises(ValueError, match="train.batch_size"):
         train_and_evaluate(config, tmp_path / "run")
+
+
+def test_host_train_splits_partition_the_training_set(run_env):
+    """`data.host_shard`: the per-host TFDS splits are disjoint and cover the training set."""
+    from unet_jax import data
+    from unet_jax.data.pipeline import host_train_split
+
+    config = tiny_config(Path(run_env["UNET_JAX_TEST_TFDS"]))
+    names = [sorted(ex["name"].decode() for ex in data.load_split(
+        config.data, host_train_split(p, 3)).as_numpy_iterator()) for p in range(3)]
+    everything = sorted(ex["name"].decode() for ex in data.load_split(
+        config.data, "train").as_numpy_iterator())
+    assert all(names) and sorted(sum(names, [])) == everything

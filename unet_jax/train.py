@@ -65,7 +65,11 @@ def load_splits(config: Any) -> tuple[Any, Any]:
     if parallel.is_main_process():
         data.prepare(config.data)
     parallel.sync("unet_jax:data_prepared")
-    return data.load_split(config.data, "train"), data.load_split(config.data, "validation")
+    train_split = "train"
+    if _cfg(config.data, "host_shard", False):
+        from unet_jax.data.pipeline import host_train_split
+        train_split = host_train_split(jax.process_index(), jax.process_count())
+    return data.load_split(config.data, train_split), data.load_split(config.data, "validation")
 
 
 def load_init(model: nnx.Module, init_from: str) -> str:
@@ -192,6 +196,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     batches: Iterator[dict[str, np.ndarray]] = train_dataset(
         train_ds, config.data, global_batch_size=int(t.batch_size), seed=seed, start_step=start,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        host_shard=bool(_cfg(config.data, "host_shard", False)),
     ).as_numpy_iterator()
 
     window: dict[str, float] = dict(loop.get("window", {}))

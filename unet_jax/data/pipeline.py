@@ -8,7 +8,7 @@ its image is `permutation(seed, epoch = i // N)[i % N]` and all its augmentation
 from `numpy.random.default_rng([seed, 1, i])`. So a run resumed at `start_step` sees exactly the
 batches of an uninterrupted run, and each host builds only its own rows
 `j in [process_index * B_local, (process_index + 1) * B_local)` of every global batch. This
-per-epoch permutation replaces mmseg's RepeatDataset + shuffled sampler (and `data.shuffle_buffer`).
+per-epoch permutation replaces mmseg's RepeatDataset + shuffled sampler.
 
 Eval: one image per element, in the order of `ds`, no shuffling (mmseg's val loader, batch 1).
 """
@@ -104,10 +104,14 @@ def cache_records(ds: tf.data.Dataset) -> list[Record]:
 class TrainSampler:
     """Global sample index -> augmented (image, label), a pure function of (seed, index)."""
 
-    def __init__(self, records: list[Record], data_cfg: Any, seed: int):
+    def __init__(self, records: list[Record], data_cfg: Any, seed: int,
+                 stream: tuple[int, ...] = ()):
         if seed < 0:
             raise ValueError(f"seed: expected a non-negative int, found {seed}")
+        if not records:
+            raise ValueError("training split: expected at least one example, found none")
         self.records, self.data_cfg, self.seed = records, data_cfg, int(seed)
+        self.stream = tuple(int(v) for v in stream)  # extra permutation key (a host's shard)
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # the parallel map calls in from several threads
 
@@ -115,7 +119,8 @@ class TrainSampler:
         with self._lock:
             perm = self._perms.get(epoch)
             if perm is None:
-                perm = np.random.default_rng([self.seed, _PERM_STREAM, epoch]).permutation(
+                perm = np.random.default_rng([self.seed, _PERM_STREAM, *self.stream, epoch]
+                                             ).permutation(
                     len(self.records))
                 if len(self._perms) >= 8:
                     del self._perms[min(self._perms)]
@@ -141,9 +146,15 @@ class TrainSampler:
         image, label = self.pair(i)
         return T.train_sample(image, label, F.ParamDraws(self.params(i)), self.data_cfg)
 
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Samples `indices`: float32 (B, h, w, 3) normalised RGB and int32 (B, h, w) labels."""
-        pairs = [self.pair(i) for i in indices]
+    def batch(self, indices: np.ndarray, image_indices: np.ndarray | None = None,
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Samples `indices`: float32 (B, h, w, 3) normalised RGB and int32 (B, h, w) labels.
+
+        Augmentation randomness comes from `indices`; the images from `image_indices` (default
+        the same), which lets a host draw images from its own shard only.
+        """
+        picks = indices if image_indices is None else image_indices
+        pairs = [self.pair(i) for i in picks]
         return F.train_batch([p[0] for p in pairs], [p[1] for p in pairs],
                              [self.params(i) for i in indices], self.data_cfg)
 
@@ -157,13 +168,17 @@ def step_indices(step: int, global_batch_size: int, process_index: int = 0,
 
 
 def train_dataset(ds: tf.data.Dataset, data_cfg: Any, *, global_batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> tf.data.Dataset:
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  host_shard: bool = False) -> tf.data.Dataset:
     """Infinite training batches of this host:
     dict(image float32 (B_local, h, w, 3) normalised RGB, label int32 (B_local, h, w)).
 
     (h, w) = data_cfg.crop_size; B_local = global_batch_size // process_count. The k-th element
     is step `start_step + k`; its rows are global rows [process_index * B_local, ...) of that step.
+    With `host_shard`, `ds` is this host's shard of the split (`host_train_split`): images are
+    drawn from it alone, by a per-host permutation of the host's own sample counter, so batches
+    depend on (seed, step, process_count) and each host reads only its files. Without it every
+    host caches the whole split and batches are independent of the process count.
     Iterate with `.as_numpy_iterator()` (or feed tensors directly).
     """
     if global_batch_size <= 0 or global_batch_size % process_count:
@@ -173,13 +188,15 @@ def train_dataset(ds: tf.data.Dataset, data_cfg: Any, *, global_batch_size: int,
         raise ValueError(f"process_index: expected 0..{process_count - 1}, found {process_index}")
     if start_step < 0:
         raise ValueError(f"start_step: expected >= 0, found {start_step}")
-    sampler = TrainSampler(cache_records(ds), data_cfg, seed)
+    stream = (process_count, process_index) if host_shard else ()
+    sampler = TrainSampler(cache_records(ds), data_cfg, seed, stream)
     local = global_batch_size // process_count
     ch, cw = (int(x) for x in data_cfg.crop_size)
 
     def make(step: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        return sampler.batch(step_indices(int(step), global_batch_size, process_index,
-                                          process_count))
+        rows = step_indices(int(step), global_batch_size, process_index, process_count)
+        own = step_indices(int(step), local) if host_shard else None
+        return sampler.batch(rows, own)
 
     def load(step: tf.Tensor) -> dict[str, tf.Tensor]:
         image, label = tf.numpy_function(make, [step], (tf.float32, tf.int32), stateful=False)
@@ -192,6 +209,15 @@ def train_dataset(ds: tf.data.Dataset, data_cfg: Any, *, global_batch_size: int,
     options = tf.data.Options()
     options.deterministic = True
     return out.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def host_train_split(process_index: int, process_count: int) -> Any:
+    """The TFDS split of this host's shard of `train` (even, remainder spread over hosts)."""
+    import tensorflow_datasets as tfds
+
+    if process_count == 1:
+        return "train"
+    return tfds.even_splits("train", n=process_count, drop_remainder=False)[process_index]
 
 
 def eval_dataset(ds: tf.data.Dataset, data_cfg: Any, max_images: int = 0,
