@@ -6,12 +6,13 @@ the logits dtype, and every function here is jit-able and differentiable in the 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from unet_jax.zoo import cfg_get
 
 # torch.finfo(torch.float32).eps: mmseg adds it to every averaging denominator.
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -151,12 +152,6 @@ def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255
     return jax.lax.stop_gradient(correct * (100.0 / total))
 
 
-def _cfg(cfg: Any, name: str, default: Any) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
 def segmentation_loss(decode_logits: jax.Array, aux_logits: jax.Array | None, labels: jax.Array,
                       loss_cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The EncoderDecoder training objective (spec §4.4) and the terms mmseg logs.
@@ -165,17 +160,17 @@ def segmentation_loss(decode_logits: jax.Array, aux_logits: jax.Array | None, la
     label size first. Returns (total, terms) with terms `decode.loss_ce`, [`decode.loss_dice`,]
     [`aux.loss_ce`,] `decode.acc_seg`[, `aux.acc_seg`], weights applied; total sums the losses.
     """
-    name = _cfg(loss_cfg, "name", "ce")
+    name = cfg_get(loss_cfg, "name", "ce")
     if name not in ("ce", "ce_dice"):
         raise ValueError(f"loss_cfg.name must be 'ce' or 'ce_dice'; found {name!r}")
-    dice_form = _cfg(loss_cfg, "dice_form", "legacy")
+    dice_form = cfg_get(loss_cfg, "dice_form", "legacy")
     if name == "ce_dice" and dice_form not in ("legacy", "v1"):
         raise ValueError(f"loss_cfg.dice_form must be 'legacy' or 'v1'; found {dice_form!r}")
-    ignore_index = int(_cfg(loss_cfg, "ignore_index", 255))
-    avg_non_ignore = bool(_cfg(loss_cfg, "avg_non_ignore", False))
-    ce_weight = float(_cfg(loss_cfg, "ce_weight", 1.0))
-    dice_weight = float(_cfg(loss_cfg, "dice_weight", 3.0))
-    aux_weight = float(_cfg(loss_cfg, "aux_weight", 0.4))
+    ignore_index = int(cfg_get(loss_cfg, "ignore_index", 255))
+    avg_non_ignore = bool(cfg_get(loss_cfg, "avg_non_ignore", False))
+    ce_weight = float(cfg_get(loss_cfg, "ce_weight", 1.0))
+    dice_weight = float(cfg_get(loss_cfg, "dice_weight", 3.0))
+    aux_weight = float(cfg_get(loss_cfg, "aux_weight", 0.4))
 
     if labels.ndim != 3:
         raise ValueError(f"labels must be (N, H, W); found shape {tuple(labels.shape)}")

@@ -23,6 +23,7 @@ from unet_jax import checkpoint, parallel
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
 from unet_jax.step import TrainState, create_train_state, make_train_step
+from unet_jax.zoo import cfg_get
 
 CONFIG_FILE = "config.json"
 
@@ -49,10 +50,6 @@ def default_workdir(config: Any, root: str | Path = "runs") -> Path:
     return Path(root) / f"{config.data.name}_{config.model.head}_{when}"
 
 
-def _cfg(node: Any, name: str, default: Any) -> Any:
-    return node.get(name, default) if hasattr(node, "get") else getattr(node, name, default)
-
-
 def load_splits(config: Any) -> tuple[Any, Any]:
     """(train, validation) tf.data datasets of `config.data`; prepares the data the first time.
 
@@ -66,7 +63,7 @@ def load_splits(config: Any) -> tuple[Any, Any]:
         data.prepare(config.data)
     parallel.sync("unet_jax:data_prepared")
     train_split = "train"
-    if _cfg(config.data, "host_shard", False):
+    if cfg_get(config.data, "host_shard", False):
         from unet_jax.data.pipeline import host_train_split
         train_split = host_train_split(jax.process_index(), jax.process_count())
     return data.load_split(config.data, train_split), data.load_split(config.data, "validation")
@@ -106,7 +103,7 @@ def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples:
     from unet_jax.data.pipeline import eval_dataset
     from unet_jax.evaluate import evaluate
 
-    samples = eval_dataset(val_ds, config.data, int(_cfg(config.eval, "max_images", 0) or 0))
+    samples = eval_dataset(val_ds, config.data, int(cfg_get(config.eval, "max_images", 0) or 0))
     result = evaluate(model, samples, config, progress=progress, return_examples=num_examples)
     if num_examples:
         summary, examples = result
@@ -126,9 +123,9 @@ def _check_config(config: Any) -> None:
     if int(t.num_steps) < 1:
         raise ValueError(f"train.num_steps: expected >= 1, found {t.num_steps}")
     for name in ("log_every", "eval_every", "checkpoint_every"):
-        if int(_cfg(t, name, 1)) < 0:
+        if int(cfg_get(t, name, 1)) < 0:
             raise ValueError(f"train.{name}: expected >= 0 (0 = only at the end), found "
-                             f"{_cfg(t, name, 1)}")
+                             f"{cfg_get(t, name, 1)}")
 
 
 def _every(step: int, interval: int) -> bool:
@@ -151,9 +148,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     parallel.sync("unet_jax:workdir")
     t = config.train
     num_steps = int(t.num_steps)
-    log_every = int(_cfg(t, "log_every", 50))
-    eval_every = int(_cfg(t, "eval_every", 0))
-    ckpt_every = int(_cfg(t, "checkpoint_every", 0))
+    log_every = int(cfg_get(t, "log_every", 50))
+    eval_every = int(cfg_get(t, "eval_every", 0))
+    ckpt_every = int(cfg_get(t, "checkpoint_every", 0))
     seed = int(t.seed)
 
     mesh = parallel.make_mesh()
@@ -165,11 +162,11 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     train_ds, val_ds = load_splits(config)
 
     ckpts = checkpoint.TrainCheckpoints(
-        workdir, keep=int(_cfg(t, "keep_checkpoints", 3)),
-        metric=str(_cfg(config.eval, "metric", "mDice")))
+        workdir, keep=int(cfg_get(t, "keep_checkpoints", 3)),
+        metric=str(cfg_get(config.eval, "metric", "mDice")))
     resume_step = ckpts.latest_step()
     model = _build(config)
-    if resume_step is None and _cfg(config, "init_from", ""):
+    if resume_step is None and cfg_get(config, "init_from", ""):
         source = load_init(model, str(config.init_from))
         if main:
             print(f"initialised from {source}")
@@ -196,7 +193,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     batches: Iterator[dict[str, np.ndarray]] = train_dataset(
         train_ds, config.data, global_batch_size=int(t.batch_size), seed=seed, start_step=start,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        host_shard=bool(_cfg(config.data, "host_shard", False)),
+        host_shard=bool(cfg_get(config.data, "host_shard", False)),
     ).as_numpy_iterator()
 
     window: dict[str, float] = dict(loop.get("window", {}))
@@ -296,7 +293,7 @@ def _build(config: Any) -> nnx.Module:
 def _evaluate_and_log(config: Any, graphdef: nnx.GraphDef, state: TrainState, val_ds: Any,
                       step: int, log: MetricsLog, board: TensorBoard,
                       ckpts: checkpoint.TrainCheckpoints, workdir: Path) -> dict[str, Any]:
-    num_overlays = int(_cfg(config.train, "num_overlays", 4))
+    num_overlays = int(cfg_get(config.train, "num_overlays", 4))
     model = _eval_model(graphdef, state)
     summary, examples = run_evaluation(model, val_ds, config, num_examples=num_overlays,
                                        progress=parallel.is_main_process())
@@ -338,7 +335,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, An
     source = None
     if workdir is not None and (Path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
         source = Path(workdir)
-    elif _cfg(config, "init_from", ""):
+    elif cfg_get(config, "init_from", ""):
         source = Path(str(config.init_from))
     if source is None:
         raise FileNotFoundError(
@@ -357,7 +354,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, An
             print(f"evaluating {info['path']}")
     model.eval()
     summary, examples = run_evaluation(model, val_ds, config,
-                                       num_examples=int(_cfg(config.train, "num_overlays", 4)))
+                                       num_examples=int(cfg_get(config.train, "num_overlays", 4)))
     if workdir is not None:
         workdir = Path(workdir)
         if parallel.is_main_process():

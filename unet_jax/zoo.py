@@ -5,6 +5,7 @@ Values come from mmsegmentation 1.2.2's `configs/_base_/datasets/*.py`, `configs
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -62,6 +63,19 @@ PUBLISHED: dict[tuple[str, str, str], tuple[float, float]] = {
     ("hrf", "deeplabv3", "ce"): (89.32, 80.21), ("hrf", "deeplabv3", "ce_dice"): (89.56, 80.71),
     ("cityscapes", "fcn", "ce"): (69.10, 71.05),
 }
+
+
+_REQUIRED = object()
+
+
+def cfg_get(node: Any, name: str, default: Any = _REQUIRED) -> Any:
+    """`node.name` for a ConfigDict, dict or object; `default` if absent (KeyError if none given)."""
+    has = name in node if isinstance(node, Mapping) else hasattr(node, name)
+    if has:
+        return node[name] if isinstance(node, Mapping) else getattr(node, name)
+    if default is _REQUIRED:
+        raise KeyError(f"config has no field {name!r}")
+    return default
 
 
 def parse_arg(arg: str | None, dataset: str) -> tuple[str, str]:
