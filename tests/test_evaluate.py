@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import FIXTURES, require_shared
 from unet_jax import inference as inf
+from unet_jax.sizes import rescale_size
 from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
 from unet_jax.models.state_dict import load_state_dict
 from unet_jax.models import build_model
@@ -94,7 +95,7 @@ def test_evaluate_max_images_and_normalised_input(apply_fn):
     # a precomputed `image_normalised` (as the eval input pipeline gives) is used as is
     with_norm = []
     for s in samples[:2]:
-        hw = inf.rescale_hw(*s["image"].shape[:2], config.data.img_scale)
+        hw = rescale_size(*s["image"].shape[:2], config.data.img_scale)
         norm = inf.normalise(inf.resize_uint8(s["image"], hw), config.data.mean, config.data.std)
         with_norm.append(dict(s, image_normalised=norm))
     assert evaluate(apply_fn, with_norm, config, progress=False) == first_two

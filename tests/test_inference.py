@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import FIXTURES, require_shared
 from unet_jax import inference as inf
+from unet_jax.sizes import rescale_size
 import mmseg_fixtures
 from unet_jax.models import build_model
 from unet_jax.models.state_dict import load_state_dict
@@ -142,8 +143,8 @@ def test_tta_drive_crop(apply_fn, fixtures_dir: Path):
 def test_tta_view_sizes():
     sizes = [inf.tta_view_hw(200, 180, r) for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)]
     assert sizes == [(100, 90), (150, 135), (200, 180), (250, 225), (300, 270), (350, 315)]
-    assert inf.rescale_hw(584, 565, (584, 565)) == (584, 565)
-    assert inf.rescale_hw(1024, 2048, (2048, 1024)) == (1024, 2048)
+    assert rescale_size(584, 565, (584, 565)) == (584, 565)
+    assert rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)
 
 
 def test_make_apply_fn_leaves_model_mode(apply_fn, fixtures_dir: Path):

@@ -299,3 +299,17 @@ def restore_latest_weights(path: str | Path, model: nnx.Module) -> dict[str, Any
     if loop_item.is_file() and step is None:
         step = json.loads(loop_item.read_text()).get("step")
     return {**meta, "path": str(folder), "step": meta.get("step", step)}
+
+
+def load_any_weights(model: nnx.Module, path: str | Path) -> str:
+    """Fill `model` from an mmseg `.pth` file or any folder `find_weights` knows; says which."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        from unet_jax.models.state_dict import load_state_dict
+        from unet_jax.pth_reader import extract_state_dict, load_pth
+        load_state_dict(model, extract_state_dict(load_pth(path), path), source=str(path))
+        return f"mmseg checkpoint {path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder (expected an mmseg .pth, a "
+                                "weights folder from unet_jax.convert or a training workdir)")
+    return f"unet_jax checkpoint {restore_latest_weights(path, model)['path']}"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax.checkpoint_io import read_meta, restore_weights, save_weights
+from unet_jax.checkpoint_io import read_meta, save_weights
 from unet_jax.models import build_model
 from unet_jax.models.state_dict import StateDictMismatchError, load_state_dict, model_state_dict
 from unet_jax.pth_reader import (CheckpointFormatError, UnsafeCheckpointError,
@@ -61,11 +61,8 @@ def export_mmseg(config: Any, checkpoint: str | Path, output: str | Path) -> Pat
     model = build_model(config.model)
     ckpt = Path(checkpoint)
     meta = read_meta(ckpt) if ckpt.is_dir() else {}
-    if ckpt.is_dir() and (ckpt / "variables").is_dir():
-        restore_weights(ckpt, model)
-    else:
-        from unet_jax import checkpoint as train_ckpt
-        train_ckpt.restore_latest_weights(ckpt, model)
+    from unet_jax.checkpoint import load_any_weights
+    load_any_weights(model, ckpt)
     sd = model_state_dict(model, num_batches_tracked=int(meta.get("iter") or 0))
     state_dict = OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())
     classes = meta.get("classes", list(config.data.classes))

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from unet_jax.losses import resize_logits_to
+from unet_jax.sizes import rescale_size
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), end exclusive
@@ -247,13 +248,6 @@ def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) ->
 
 
 # ------------------------------------------------------------------------------ test pipeline
-def rescale_hw(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
-    """mmcv keep-ratio rescale size (new_h, new_w) for a (long, short)-style scale tuple."""
-    long_edge, short_edge = max(scale), min(scale)
-    sf = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * float(sf) + 0.5), int(width * float(sf) + 0.5)
-
-
 def resize_uint8(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """cv2 INTER_LINEAR resize of a uint8 HxWx3 image (mmcv.imresize); no copy if same size."""
     if tuple(image.shape[:2]) == tuple(hw):
@@ -273,7 +267,7 @@ def normalise(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]
 def tta_view_hw(height: int, width: int, ratio: float) -> tuple[int, int]:
     """Size of mmseg's TTA view `Resize(scale_factor=ratio, keep_ratio=True)`."""
     target = (int(width * ratio + 0.5), int(height * ratio + 0.5))
-    return rescale_hw(height, width, target)
+    return rescale_size(height, width, target)
 
 
 @functools.partial(jax.jit, static_argnames=("out_hw",))
@@ -336,7 +330,7 @@ def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *,
         scores = tta_inference(apply_fn, image_rgb, config.eval, num_classes, data.mean, data.std)
     else:
         if image_normalised is None:
-            hw = rescale_hw(height, width, data.img_scale) if resize else (height, width)
+            hw = rescale_size(height, width, data.img_scale) if resize else (height, width)
             image_normalised = normalise(resize_uint8(image_rgb, hw), data.mean, data.std)
         logits = inference(apply_fn, image_normalised, config.eval, num_classes)
         scores = resize_logits_to(logits[None], (height, width))[0]

@@ -34,13 +34,12 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from unet_jax.checkpoint_io import restore_weights
+from unet_jax.checkpoint import load_any_weights
 from unet_jax.evaluate import overlay_image
 from unet_jax.inference import make_apply_fn, segment
 from unet_jax.models import build_model
-from unet_jax.models.state_dict import StateDictMismatchError, load_state_dict
-from unet_jax.pth_reader import (CheckpointFormatError, UnsafeCheckpointError,
-                                 extract_state_dict, load_pth)
+from unet_jax.models.state_dict import StateDictMismatchError
+from unet_jax.pth_reader import CheckpointFormatError, UnsafeCheckpointError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".ppm", ".bmp")
 
@@ -59,36 +58,14 @@ class InputError(ValueError):
 
 # ------------------------------------------------------------------------------ model + weights
 def load_weights(model: nnx.Module, checkpoint: str | Path) -> str:
-    """Fill `model` from a .pth file, a weights folder or a training workdir; returns the kind."""
-    ckpt = Path(checkpoint)
-    if ckpt.is_file():
-        sd = extract_state_dict(load_pth(ckpt), ckpt)
-        load_state_dict(model, sd, source=str(ckpt))
-        return "mmseg .pth"
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"--checkpoint {ckpt}: does not exist (expected an mmseg .pth, a "
-                                f"weights folder from unet_jax.convert, or a training workdir)")
-    if (ckpt / "variables").is_dir():
-        try:
-            restore_weights(ckpt, model)
-        except ValueError as err:
-            raise WeightsError(str(err)) from err
-        return "weights folder"
+    """Fill `model` from a .pth file, a weights folder or a training workdir; says which.
+
+    A checkpoint that does not fit the config raises `WeightsError` (a clear CLI error).
+    """
     try:
-        from unet_jax import checkpoint as train_checkpoint
-    except ImportError as err:
-        raise FileNotFoundError(
-            f"--checkpoint {ckpt}: a folder without variables/ (not a weights folder) and "
-            f"training workdirs are not supported by this installation ({err})") from err
-    restore = getattr(train_checkpoint, "restore_latest_weights", None)
-    if restore is None:
-        raise FileNotFoundError(f"--checkpoint {ckpt}: not a weights folder (no variables/) and "
-                                f"unet_jax.checkpoint has no restore_latest_weights")
-    try:
-        restore(ckpt, model)
+        return load_any_weights(model, checkpoint)
     except ValueError as err:
         raise WeightsError(str(err)) from err
-    return "training workdir"
 
 
 # ------------------------------------------------------------------------------ images

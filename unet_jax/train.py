@@ -69,21 +69,6 @@ def load_splits(config: Any) -> tuple[Any, Any]:
     return data.load_split(config.data, train_split), data.load_split(config.data, "validation")
 
 
-def load_init(model: nnx.Module, init_from: str) -> str:
-    """Fill `model` from `init_from`: an mmseg .pth file or any unet_jax checkpoint folder."""
-    path = Path(init_from).expanduser()
-    if path.is_file():
-        from unet_jax.models.state_dict import load_state_dict
-        from unet_jax.pth_reader import extract_state_dict, load_pth
-        load_state_dict(model, extract_state_dict(load_pth(path), path), source=str(path))
-        return f"mmseg checkpoint {path}"
-    if not path.exists():
-        raise FileNotFoundError(f"init_from={init_from!r}: no such file or folder (expected an "
-                                "mmseg .pth, a weights folder or a training workdir)")
-    info = checkpoint.restore_latest_weights(path, model)
-    return f"unet_jax checkpoint {info['path']}"
-
-
 def _loss_names(logs: Mapping[str, Any]) -> list[str]:
     return ["loss"] + sorted(k for k in logs if k not in ("loss", "lr"))
 
@@ -167,7 +152,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     resume_step = ckpts.latest_step()
     model = _build(config)
     if resume_step is None and cfg_get(config, "init_from", ""):
-        source = load_init(model, str(config.init_from))
+        source = checkpoint.load_any_weights(model, str(config.init_from))
         if main:
             print(f"initialised from {source}")
     graphdef, state, tx = create_train_state(model, t)
@@ -345,7 +330,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, An
     _, val_ds = load_splits(config)
     model = _build(config)
     if source.is_file():
-        load_init(model, str(source))
+        checkpoint.load_any_weights(model, str(source))
         step = None
     else:
         info = checkpoint.restore_latest_weights(source, model)

@@ -29,6 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from unet_jax.sizes import rescale_size
+
 IGNORE_INDEX = 255
 BBox = tuple[int, int, int, int]  # (y1, y2, x1, x2), as mmseg's crop_bbox
 
@@ -113,16 +115,6 @@ def as_draws(rng: np.random.Generator | Draws) -> Draws:
 
 
 # ------------------------------------------------------------------------------------ resize
-def rescale_size(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
-    """mmcv.imrescale's keep-ratio output size (new_h, new_w) for a (long, short)-style `scale`.
-
-    sf = min(max(scale) / max(h, w), min(scale) / min(h, w)); size = int(x * sf + 0.5).
-    """
-    long_edge, short_edge = max(scale), min(scale)
-    sf = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * float(sf) + 0.5), int(width * float(sf) + 0.5)
-
-
 def resize_keep_ratio(image: np.ndarray, label: np.ndarray | None,
                       scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
     """mmseg `Resize(scale, keep_ratio=True)`: image cv2 INTER_LINEAR, label INTER_NEAREST."""
