@@ -26,6 +26,12 @@ setup(
     packages=find_packages(include=["unet_jax", "unet_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
+    entry_points={"console_scripts": [
+        "unet-jax-train=unet_jax.main:run",
+        "unet-jax-predict=unet_jax.predict:run",
+        "unet-jax-convert=unet_jax.convert:run",
+        "unet-jax-benchmark=unet_jax.benchmark:run",
+    ]},
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1"],
         "torch": ["torch==2.13.0"],

@@ -87,11 +87,11 @@ def pipeline_crop_labels(images: list[np.ndarray], labels: list[np.ndarray], nam
     import tensorflow as tf
 
     from unet_jax.data import pipeline
-    from unet_jax.zoo import base_config
+    from unet_jax.config import load_config
 
     ds = tf.data.Dataset.from_tensor_slices(
         {"image": np.stack(images), "label": np.stack(labels), "name": np.array(names)})
-    sampler = pipeline.TrainSampler(pipeline.cache_records(ds), base_config("drive", None).data,
+    sampler = pipeline.TrainSampler(pipeline.cache_records(ds), load_config("configs/drive.py").data,
                                     seed)
     parts = [sampler.batch(np.arange(s, min(s + 256, count)))[1] for s in range(0, count, 256)]
     return np.concatenate(parts).astype(np.uint8)

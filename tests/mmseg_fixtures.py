@@ -6,7 +6,7 @@ from pathlib import Path
 from unet_jax.models import build_model
 from unet_jax.models.state_dict import load_state_dict
 from unet_jax.pth_reader import extract_state_dict, load_pth
-from unet_jax.zoo import base_config
+from unet_jax.config import load_config
 
 # fixture name -> (dataset, head)
 MODELS = {"fcn_drive": ("drive", "fcn"), "pspnet_drive": ("drive", "pspnet"),
@@ -15,7 +15,7 @@ MODELS = {"fcn_drive": ("drive", "fcn"), "pspnet_drive": ("drive", "pspnet"),
 
 def tiny_config(dataset: str, arg: str):
     """The zoo config with the fixtures' widths: base 8, FCN head 8, PSP/ASPP head 4."""
-    config = base_config(dataset, arg)
+    config = load_config(f"configs/{dataset}.py:{arg}")
     config.model.base_channels = 8
     config.model.head_channels = 8 if config.model.head == "fcn" else 4
     return config

@@ -13,7 +13,7 @@ import tensorflow as tf
 import unet_jax.data as D
 from unet_jax.data import cityscapes as C
 from unet_jax.data.builders.common import DataError
-from unet_jax.zoo import CITYSCAPES_CLASSES
+from unet_jax.config import load_config
 
 H, W = 1024, 2048  # TFDS's builder fixes this shape
 SPLIT_CITIES = {"train": "aachen", "val": "frankfurt", "test": "berlin"}
@@ -21,7 +21,8 @@ SPLIT_CITIES = {"train": "aachen", "val": "frankfurt", "test": "berlin"}
 
 def test_table_is_cityscapesscripts():
     train = {name: t for name, _, t in C.LABELS if t not in (255, -1)}
-    assert tuple(sorted(train, key=train.get)) == CITYSCAPES_CLASSES
+    assert tuple(sorted(train, key=train.get)) == tuple(
+        load_config("configs/cityscapes.py").data.classes)
     assert sorted(train.values()) == list(range(19))
     assert len(C.LABELS) == 35 and [i for _, i, _ in C.LABELS][:34] == list(range(34))
     assert C.ID_TO_TRAINID[7] == 0 and C.ID_TO_TRAINID[26] == 13 and C.ID_TO_TRAINID[33] == 18

@@ -14,6 +14,7 @@ import pytest
 from mmseg_fixtures import MODELS, tiny_config
 from unet_jax.checkpoint_io import restore_weights
 from unet_jax.convert import export_mmseg, import_mmseg
+from unet_jax.errors import InputError
 from unet_jax.models import build_model
 from unet_jax.models.state_dict import StateDictMismatchError, load_state_dict
 from unet_jax.pth_reader import UnsafeCheckpointError, extract_state_dict, load_pth
@@ -124,5 +125,5 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 def test_export_without_torch_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(SystemExit, match=r"pip install -e \.\[torch\]"):
+    with pytest.raises(InputError, match=r"pip install -e \.\[torch\]"):
         export_mmseg(_config("fcn_drive"), tmp_path, tmp_path / "x.pth")

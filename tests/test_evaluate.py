@@ -14,11 +14,11 @@ from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison
 from unet_jax.models.state_dict import load_state_dict
 from unet_jax.models import build_model
 from unet_jax.pth_reader import extract_state_dict, load_pth
-from unet_jax.zoo import base_config
+from unet_jax.config import load_config
 
 
 def tiny_config():
-    c = base_config("drive", "fcn")
+    c = load_config("configs/drive.py:fcn")
     c.model.base_channels = 8
     c.model.head_channels = 8
     c.eval.crop_size = (32, 32)

@@ -9,21 +9,21 @@ from mmseg_fixtures import MODELS, tiny_model
 from unet_jax.models import build_model, count_params
 from unet_jax.models.layers import adaptive_pool_matrix
 from unet_jax.models.unet import UNet
-from unet_jax.zoo import base_config
+from unet_jax.config import load_config
 
 
 @pytest.mark.parametrize("dataset,head,expected", [
     ("drive", "fcn", 29_060_676), ("drive", "pspnet", 29_046_276),
     ("drive", "deeplabv3", 29_064_996), ("cityscapes", "fcn", 29_062_886)])
 def test_parameter_counts_full_width(dataset, head, expected):
-    model = nnx.eval_shape(lambda: build_model(base_config(dataset, head).model))
+    model = nnx.eval_shape(lambda: build_model(load_config(f"configs/{dataset}.py:{head}").model))
     assert count_params(model) == expected
     assert count_params(model.backbone) == 28_949_568
 
 
 def test_backbone_shapes_full_width():
     def forward():
-        model = build_model(base_config("drive", "fcn").model)
+        model = build_model(load_config("configs/drive.py:fcn").model)
         x = jnp.zeros((2, 64, 64, 3))
         return model.extract_feat(x), model(x)
 
@@ -40,7 +40,7 @@ def test_indivisible_input_error_names_size_and_fix():
 
 
 def _tiny(head):
-    cfg = base_config("drive", head).model
+    cfg = load_config(f"configs/drive.py:{head}").model
     cfg.base_channels = 4
     return cfg
 
@@ -58,7 +58,7 @@ def test_unet_general_options():
 
 
 def test_initialisation_matches_mmseg():
-    cfg = base_config("drive", "fcn").model
+    cfg = load_config("configs/drive.py:fcn").model
     cfg.base_channels = 16
     model = build_model(cfg, seed=3)
     kernel = np.asarray(model.backbone.encoder[4][1].convs[1].conv.kernel[...])  # 3x3, 256 out

@@ -90,9 +90,3 @@ def test_first_update_is_lr_times_grad_plus_decay():
     expected = -0.02 * (np.array([0.5, 0.25, -1.0]) + 1e-3 * np.array([1.0, -2.0, 3.0]))
     np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-6)
 
-
-def test_missing_field_is_named():
-    with pytest.raises(KeyError, match="weight_decay"):
-        make_optimizer(dict(num_steps=10, lr=0.01, lr_min=1e-4, power=0.9, momentum=0.9))
-    with pytest.raises(ValueError, match="found 0"):
-        poly_lr(0, _train_cfg(0))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from unet_jax.data import pipeline as P
 from unet_jax.data import transforms as T
-from unet_jax.zoo import base_config
+from unet_jax.config import load_config
 
 
 def drive_arrays(data_dir: Path, count: int = 20) -> dict[str, np.ndarray]:
@@ -37,7 +37,7 @@ def _ds(arrays: dict[str, np.ndarray]) -> tf.data.Dataset:
 
 
 def _cfg() -> ml_collections.ConfigDict:
-    return base_config("drive", None).data
+    return load_config("configs/drive.py").data
 
 
 def _take(ds: tf.data.Dataset, n: int) -> list[dict[str, np.ndarray]]:

@@ -12,9 +12,9 @@ from PIL import Image
 
 from conftest import DATA, FIXTURES, REPO, require_shared
 from unet_jax import convert, predict
+from unet_jax.errors import CheckpointError, InputError
 import mmseg_fixtures
 from unet_jax.models import build_model
-from unet_jax.zoo import RETINAL_PALETTE
 
 TINY = ["--config.model.base_channels=8", "--config.model.head_channels=8"]
 
@@ -37,7 +37,7 @@ def drive_01() -> Path:
 def check_outputs(out: Path, stem: str, hw: tuple[int, int], with_logits: bool) -> np.ndarray:
     label_img = Image.open(out / f"{stem}.png")
     assert label_img.mode == "P"
-    assert label_img.getpalette()[:6] == [v for c in RETINAL_PALETTE for v in c]
+    assert label_img.getpalette()[:6] == [120, 120, 120, 6, 230, 230]
     label = np.asarray(label_img)
     assert label.shape == hw and set(np.unique(label)) <= {0, 1}
     overlay = np.asarray(Image.open(out / f"{stem}_overlay.png"))
@@ -77,10 +77,10 @@ def test_predict_errors(tmp_path: Path, pth: Path):
     bad.write_bytes(b"not a png")
     with pytest.raises(predict.ImageReadError, match="broken.png"):
         predict.predict_files(tiny_config(), pth, [bad], tmp_path / "o", progress=False)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(InputError, match="missing.png"):
         predict.predict_files(tiny_config(), pth, [tmp_path / "missing.png"], tmp_path / "o",
                               progress=False)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(CheckpointError, match="nowhere"):
         predict.load_weights(build_model(tiny_config().model), tmp_path / "nowhere")
 
 

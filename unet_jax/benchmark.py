@@ -133,36 +133,34 @@ def run_input(config: Any, flags: Any) -> None:
 SUBCOMMANDS: dict[str, Callable[[Any, Any], None]] = {"input": run_input}
 
 
-def main(argv: list[str]) -> None:
+def main(config: Any, argv: list[str]) -> None:
+    """Run the subcommand named in `argv`."""
     from absl import flags
 
+    from unet_jax.errors import InputError
+
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-        raise SystemExit(f"usage: python -m unet_jax.benchmark {{{'|'.join(SUBCOMMANDS)}}} "
+        raise InputError(f"usage: python -m unet_jax.benchmark {{{'|'.join(SUBCOMMANDS)}}} "
                          f"--config configs/<dataset>.py; found arguments {argv[1:]}")
-    SUBCOMMANDS[argv[1]](flags.FLAGS.config, flags.FLAGS)
+    SUBCOMMANDS[argv[1]](config, flags.FLAGS)
 
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py[:<head>,<loss>]",
-                                    lock_config=False)
     flags.DEFINE_integer("steps", 100, "timed steps (after 10 warm-up steps)")
     flags.DEFINE_integer("train_steps", 5, "timed train steps for the consumption figure "
                          "(0: skip)")
     flags.DEFINE_integer("batch_size", 0, "global batch (0: config.train.batch_size)")
     flags.DEFINE_string("in_memory_drive", "", "read DRIVE's official training/ folder from "
                         "this directory instead of TFDS")
-    flags.mark_flags_as_required(["config"])
 
 
 def run() -> None:
-    """Console entry point."""
-    from absl import app
+    """`python -m unet_jax.benchmark` / the `unet-jax-benchmark` console entry."""
+    from unet_jax import cli
 
-    _define_flags()
-    app.run(main)
+    cli.run(main, prog="unet_jax.benchmark", define_flags=_define_flags)
 
 
 if __name__ == "__main__":

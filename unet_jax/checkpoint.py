@@ -30,6 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from unet_jax import checkpoint_io
+from unet_jax.errors import CheckpointError
 from unet_jax.parallel import put_replicated, to_host
 from unet_jax.step import TrainState
 
@@ -270,7 +271,7 @@ def find_weights(path: str | Path) -> tuple[Path, int | None]:
     """
     path = Path(path).expanduser().absolute()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        raise CheckpointError(f"{path}: no such checkpoint folder")
     if (path / checkpoint_io.VARIABLES_DIR).is_dir():
         return path, int(path.name) if path.name.isdigit() else None
     for directory in (path / CHECKPOINTS_DIR, path):
@@ -278,7 +279,7 @@ def find_weights(path: str | Path) -> tuple[Path, int | None]:
             steps = _step_dirs(directory)
             if steps:
                 return directory / str(steps[-1]), steps[-1]
-    raise FileNotFoundError(
+    raise CheckpointError(
         f"{path}: expected a weights checkpoint (a folder with {checkpoint_io.VARIABLES_DIR}/), "
         f"a training workdir (with {CHECKPOINTS_DIR}/<step>/) or a checkpoint manager folder; "
         "found none of these")
@@ -310,6 +311,6 @@ def load_any_weights(model: nnx.Module, path: str | Path) -> str:
         load_state_dict(model, extract_state_dict(load_pth(path), path), source=str(path))
         return f"mmseg checkpoint {path}"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder (expected an mmseg .pth, a "
+        raise CheckpointError(f"{path}: no such file or folder (expected an mmseg .pth, a "
                                 "weights folder from unet_jax.convert or a training workdir)")
     return f"unet_jax checkpoint {restore_latest_weights(path, model)['path']}"

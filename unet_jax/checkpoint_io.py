@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from unet_jax.errors import CheckpointError, InputError
+
 META_FILE = "unet_jax_meta.json"
 VARIABLES_DIR = "variables"
 
@@ -40,7 +42,7 @@ def assign_variables(model: nnx.Module, variables: dict[str, Any], source: str) 
                   f"{np.shape(theirs[k])}" for k in ours if k in theirs
                   and tuple(ours[k][...].shape) != tuple(np.shape(theirs[k]))]
         if missing or extra or shapes:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: {kind} do not fit the model built from the config "
                 f"(missing {missing[:10]}, unexpected {extra[:10]}, mis-shaped {shapes[:10]}); "
                 f"check --config / model.base_channels / model.head / model.num_classes")
@@ -53,7 +55,7 @@ def save_weights(directory: str | Path, model: nnx.Module, meta: dict[str, Any])
     """Write a weights checkpoint folder (atomic per orbax; refuses to overwrite)."""
     directory = Path(directory).absolute()
     if (directory / VARIABLES_DIR).exists():
-        raise FileExistsError(f"{directory / VARIABLES_DIR} already exists; choose a new --output")
+        raise InputError(f"{directory / VARIABLES_DIR} already exists; choose a new --output")
     directory.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(directory / VARIABLES_DIR, model_variables(model))
@@ -73,13 +75,13 @@ def restore_weights(directory: str | Path, model: nnx.Module) -> dict[str, Any]:
     directory = Path(directory).absolute()
     src = directory / VARIABLES_DIR
     if not src.is_dir():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{directory}: not a unet_jax weights checkpoint (expected {VARIABLES_DIR}/ and "
             f"{META_FILE}, as written by `python -m unet_jax.convert`)")
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, model_variables(model))
     try:
         restored = ocp.StandardCheckpointer().restore(src, target)
     except ValueError as err:
-        raise ValueError(f"{src}: does not fit the model built from the config: {err}") from err
+        raise CheckpointError(f"{src}: does not fit the model built from the config: {err}") from err
     assign_variables(model, restored, str(src))
     return read_meta(directory)

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax import cli
 from unet_jax.checkpoint_io import read_meta, save_weights
 from unet_jax.models import build_model
-from unet_jax.models.state_dict import StateDictMismatchError, load_state_dict, model_state_dict
-from unet_jax.pth_reader import (CheckpointFormatError, UnsafeCheckpointError,
-                                 extract_state_dict, load_pth)
+from unet_jax.errors import InputError
+from unet_jax.models.state_dict import load_state_dict, model_state_dict
+from unet_jax.pth_reader import extract_state_dict, load_pth
 
 TORCH_HINT = ("writing a .pth needs PyTorch: install the converter extra with "
               "`pip install -e .[torch]` (or `pip install torch==2.13.0`)")
@@ -57,7 +58,7 @@ def export_mmseg(config: Any, checkpoint: str | Path, output: str | Path) -> Pat
     try:
         import torch
     except ImportError as err:
-        raise SystemExit(f"unet_jax.convert --to-mmseg: {TORCH_HINT}") from err
+        raise InputError(f"--to-mmseg: {TORCH_HINT}") from err
     model = build_model(config.model)
     ckpt = Path(checkpoint)
     meta = read_meta(ckpt) if ckpt.is_dir() else {}
@@ -79,41 +80,33 @@ def export_mmseg(config: Any, checkpoint: str | Path, output: str | Path) -> Pat
     return output
 
 
-def main(argv: list[str]) -> None:
+def main(config: Any, argv: list[str]) -> None:
+    """Convert --checkpoint to --output in the direction --to_mmseg says."""
     from absl import flags, logging
 
+    del argv
     logging.set_verbosity(logging.WARNING)
-    flags_ = flags.FLAGS
-    try:
-        if flags_.to_mmseg:
-            out = export_mmseg(flags_.config, flags_.checkpoint, flags_.output)
-        else:
-            out = import_mmseg(flags_.config, flags_.checkpoint, flags_.output)
-    except (StateDictMismatchError, UnsafeCheckpointError, CheckpointFormatError,
-            FileNotFoundError, FileExistsError) as err:
-        raise SystemExit(f"unet_jax.convert: {err}") from err
+    f = flags.FLAGS
+    if f.to_mmseg:
+        out = export_mmseg(config, f.checkpoint, f.output)
+    else:
+        out = import_mmseg(config, f.checkpoint, f.output)
     print(f"wrote {out}")
 
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py[:<head>,<loss>]",
-                                    lock_config=False)
     flags.DEFINE_string("checkpoint", None, "input: mmseg .pth (or weights folder with --to_mmseg)")
     flags.DEFINE_string("output", None, "output: weights folder (or .pth with --to_mmseg)")
     flags.DEFINE_bool("to_mmseg", False, "export a unet_jax checkpoint to an mmseg .pth")
-    flags.mark_flags_as_required(["config", "checkpoint", "output"])
+    flags.mark_flags_as_required(["checkpoint", "output"])
 
 
 def run() -> None:
-    """Console entry: accepts --to-mmseg as a spelling of --to_mmseg."""
-    from absl import app
-
-    _define_flags()
-    sys.argv = [a.replace("--to-mmseg", "--to_mmseg") for a in sys.argv]
-    app.run(main)
+    """`python -m unet_jax.convert` / `unet-jax-convert`; --to-mmseg spells --to_mmseg too."""
+    argv = [a.replace("--to-mmseg", "--to_mmseg") for a in sys.argv]
+    cli.run(main, prog="unet_jax.convert", define_flags=_define_flags, argv=argv)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,9 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
     dicts {name, image, label, pred (uint8 H x W)}, e.g. for `save_comparison_png`.
     """
     apply_fn = make_apply_fn(model) if isinstance(model, nnx.Module) else model
-    num_classes = int(config.model.num_classes)
-    ignore_index = int(config.loss.get("ignore_index", 255)) if "loss" in config else 255
-    max_images = int(config.eval.get("max_images", 0) or 0)
-    if max_images < 0:
-        raise ValueError(f"eval.max_images: expected >= 0 (0 = all), found {max_images}")
+    num_classes = config.model.num_classes
+    ignore_index = config.loss.ignore_index
+    max_images = config.eval.max_images
     total = max_images or None
     if hasattr(dataset, "__len__"):
         n = len(dataset)  # type: ignore[arg-type]

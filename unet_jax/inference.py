@@ -241,10 +241,8 @@ def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) ->
     if mode == "slide":
         return slide_inference(apply_fn, image, tuple(eval_cfg.crop_size),
                                tuple(eval_cfg.stride), num_classes,
-                               batch_windows=int(eval_cfg.get("batch_windows", 64)))
-    if mode == "whole":
-        return whole_inference(apply_fn, image, num_classes)
-    raise ValueError(f"eval.mode: expected 'slide' or 'whole', found {mode!r}")
+                               batch_windows=eval_cfg.batch_windows)
+    return whole_inference(apply_fn, image, num_classes)
 
 
 # ------------------------------------------------------------------------------ test pipeline
@@ -326,7 +324,7 @@ def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *,
     height, width = image_rgb.shape[:2]
     num_classes = int(config.model.num_classes)
     data = config.data
-    if config.eval.get("tta", False):
+    if config.eval.tta:
         scores = tta_inference(apply_fn, image_rgb, config.eval, num_classes, data.mean, data.std)
     else:
         if image_normalised is None:

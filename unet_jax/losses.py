@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax.zoo import cfg_get
 
 # torch.finfo(torch.float32).eps: mmseg adds it to every averaging denominator.
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -156,21 +155,14 @@ def segmentation_loss(decode_logits: jax.Array, aux_logits: jax.Array | None, la
                       loss_cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The EncoderDecoder training objective (spec §4.4) and the terms mmseg logs.
 
-    `loss_cfg` is `config.loss` (read at trace time). Both logits are bilinearly resized to the
+    `loss_cfg` is `config.loss` (read at trace time; validated by `check_config`). Both logits are bilinearly resized to the
     label size first. Returns (total, terms) with terms `decode.loss_ce`, [`decode.loss_dice`,]
     [`aux.loss_ce`,] `decode.acc_seg`[, `aux.acc_seg`], weights applied; total sums the losses.
     """
-    name = cfg_get(loss_cfg, "name", "ce")
-    if name not in ("ce", "ce_dice"):
-        raise ValueError(f"loss_cfg.name must be 'ce' or 'ce_dice'; found {name!r}")
-    dice_form = cfg_get(loss_cfg, "dice_form", "legacy")
-    if name == "ce_dice" and dice_form not in ("legacy", "v1"):
-        raise ValueError(f"loss_cfg.dice_form must be 'legacy' or 'v1'; found {dice_form!r}")
-    ignore_index = int(cfg_get(loss_cfg, "ignore_index", 255))
-    avg_non_ignore = bool(cfg_get(loss_cfg, "avg_non_ignore", False))
-    ce_weight = float(cfg_get(loss_cfg, "ce_weight", 1.0))
-    dice_weight = float(cfg_get(loss_cfg, "dice_weight", 3.0))
-    aux_weight = float(cfg_get(loss_cfg, "aux_weight", 0.4))
+    name, dice_form = loss_cfg.name, loss_cfg.dice_form
+    ignore_index, avg_non_ignore = loss_cfg.ignore_index, loss_cfg.avg_non_ignore
+    ce_weight, dice_weight = loss_cfg.ce_weight, loss_cfg.dice_weight
+    aux_weight = loss_cfg.aux_weight
 
     if labels.ndim != 3:
         raise ValueError(f"labels must be (N, H, W); found shape {tuple(labels.shape)}")

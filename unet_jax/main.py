@@ -13,32 +13,32 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
+
+from unet_jax import cli
+from unet_jax.errors import ConfigError
 
 _DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEMO) if _DEMO.is_file() else None,
-    "Config file and argument, e.g. configs/drive.py:pspnet,ce_dice (default: the demo).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run folder (checkpoints, metrics.jsonl, TensorBoard, overlays). Default: "
-    "runs/<dataset>_<head>_<YYYYmmdd-HHMMSS>.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train (resumes from --workdir) or eval (latest checkpoint in --workdir, "
-                          "else --config.init_from).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "Multi-host: HOST:PORT of process 0's coordinator.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
-_CACHE = flags.DEFINE_string(
-    "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "unet_jax", "jax"),
-    "Persistent XLA compilation cache (repeat runs start much faster); '' disables it. "
-    "JAX_COMPILATION_CACHE_DIR, if set, wins.")
-
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped on purpose, resumable
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string(
+        "workdir", None, "Run folder (checkpoints, metrics.jsonl, TensorBoard, overlays). "
+        "Default: runs/<dataset>_<head>_<YYYYmmdd-HHMMSS>.")
+    flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                      "train (resumes from --workdir) or eval (latest checkpoint in --workdir, "
+                      "else --config.init_from).")
+    flags.DEFINE_string("coordinator_address", None,
+                        "Multi-host: HOST:PORT of process 0's coordinator.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+    flags.DEFINE_string(
+        "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "unet_jax", "jax"),
+        "Persistent XLA compilation cache (repeat runs start much faster); '' disables it. "
+        "JAX_COMPILATION_CACHE_DIR, if set, wins.")
 
 
 def _setup_cache(path: str) -> None:
@@ -49,23 +49,20 @@ def _setup_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def main(argv: list[str]) -> int:
-    """Entry point after flag parsing."""
+def main(config: Any, argv: list[str]) -> int:
+    """Entry point after flag parsing: train (default) or evaluate `config`."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; fields are set with "
-                             "--config.<section>.<field>=VALUE")
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required (e.g. --config configs/drive.py:fcn,ce)")
-
+        raise ConfigError(f"unexpected arguments {argv[1:]}; fields are set with "
+                          "--config.<section>.<field>=VALUE")
+    f = flags.FLAGS
     from unet_jax import parallel
-    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    _setup_cache(_CACHE.value)
+    parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    _setup_cache(f.jax_cache_dir)
     logging.set_verbosity(logging.WARNING)
     from unet_jax import train
 
-    workdir = _WORKDIR.value
-    if _MODE.value == "eval":
+    workdir = f.workdir
+    if f.mode == "eval":
         train.evaluate_checkpoint(config, workdir)
         return 0
     if not workdir:
@@ -84,8 +81,9 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    """`python -m unet_jax.main` / console entry."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    """`python -m unet_jax.main` / the `unet-jax-train` console entry."""
+    cli.run(main, prog="unet_jax.main", define_flags=_define_flags,
+            default_config=str(_DEMO) if _DEMO.is_file() else None)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,10 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from unet_jax.zoo import cfg_get
-
 
 def _poly_args(train_cfg: Any) -> tuple[float, float, float, int]:
-    lr = float(cfg_get(train_cfg, "lr"))
-    lr_min = float(cfg_get(train_cfg, "lr_min"))
-    power = float(cfg_get(train_cfg, "power"))
-    num_steps = int(cfg_get(train_cfg, "num_steps"))
-    if num_steps < 1:
-        raise ValueError(f"train.num_steps must be >= 1; found {num_steps}")
+    lr, lr_min, power = train_cfg.lr, train_cfg.lr_min, train_cfg.power
+    num_steps = train_cfg.num_steps
     # mmengine: total_iters T = end - begin - 1. T = 0 (a 1-step run) never decays; use 1.
     return lr, lr_min, power, max(num_steps - 1, 1)
 
@@ -54,8 +48,7 @@ def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
     The momentum buffer is `m = momentum*m + g + wd*p` (first step `m = g + wd*p`) and the update
     is `-lr_t * m`, as in torch (nesterov False, dampening 0).
     """
-    weight_decay = float(cfg_get(train_cfg, "weight_decay"))
-    momentum = float(cfg_get(train_cfg, "momentum"))
+    weight_decay, momentum = train_cfg.weight_decay, train_cfg.momentum
     # Both links are always present so the optimiser-state structure never depends on the values.
     return optax.chain(
         optax.add_decayed_weights(weight_decay),

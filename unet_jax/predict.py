@@ -34,38 +34,24 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
+from unet_jax import cli
 from unet_jax.checkpoint import load_any_weights
 from unet_jax.evaluate import overlay_image
 from unet_jax.inference import make_apply_fn, segment
 from unet_jax.models import build_model
-from unet_jax.models.state_dict import StateDictMismatchError
-from unet_jax.pth_reader import CheckpointFormatError, UnsafeCheckpointError
+from unet_jax.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".ppm", ".bmp")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An input file could not be decoded as an image."""
-
-
-class WeightsError(ValueError):
-    """A checkpoint folder does not fit the model built from the config."""
-
-
-class InputError(ValueError):
-    """The --input paths cannot be processed as given."""
 
 
 # ------------------------------------------------------------------------------ model + weights
 def load_weights(model: nnx.Module, checkpoint: str | Path) -> str:
-    """Fill `model` from a .pth file, a weights folder or a training workdir; says which.
-
-    A checkpoint that does not fit the config raises `WeightsError` (a clear CLI error).
-    """
-    try:
-        return load_any_weights(model, checkpoint)
-    except ValueError as err:
-        raise WeightsError(str(err)) from err
+    """Fill `model` from a .pth file, a weights folder or a training workdir; says which."""
+    return load_any_weights(model, checkpoint)
 
 
 # ------------------------------------------------------------------------------ images
@@ -78,13 +64,13 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
             found = sorted(p for p in path.rglob("*")
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"--input {path}: folder holds no image files "
+                raise InputError(f"--input {path}: folder holds no image files "
                                         f"(expected suffixes {', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"--input {path}: no such file or folder")
+            raise InputError(f"--input {path}: no such file or folder")
     stems: dict[str, Path] = {}
     for f in files:
         if f.stem in stems and stems[f.stem] != f:
@@ -160,30 +146,24 @@ def predict_files(config: Any, checkpoint: str | Path, inputs: Sequence[str | Pa
     return written
 
 
-def main(argv: Sequence[str]) -> None:
+def main(config: Any, argv: Sequence[str]) -> None:
+    """Segment the --input images with `config` and --checkpoint."""
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     inputs = list(f.input or []) + list(argv[1:])  # `--input a.png b.png` leaves b.png in argv
     if not inputs:
-        raise SystemExit("unet_jax.predict: give at least one --input image or folder")
-    try:
-        written = predict_files(f.config, f.checkpoint, inputs, f.output,
-                                save_logits=f.save_logits, resize=f.resize)
-    except (FileNotFoundError, ImageReadError, InputError, WeightsError, StateDictMismatchError,
-            UnsafeCheckpointError, CheckpointFormatError) as err:
-        raise SystemExit(f"unet_jax.predict: {err}") from err
+        raise InputError("give at least one --input image or folder")
+    written = predict_files(config, f.checkpoint, inputs, f.output,
+                            save_logits=f.save_logits, resize=f.resize)
     what = "label maps + overlays" + (" + logits" if f.save_logits else "")
     print(f"wrote {what} of {len(written)} image(s) to {Path(f.output).absolute()}")
 
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py[:<head>,<loss>]",
-                                    lock_config=False)
     flags.DEFINE_string("checkpoint", None,
                         "mmseg .pth, weights folder (unet_jax.convert) or training workdir")
     flags.DEFINE_multi_string("input", None, "image file or folder (repeatable; extra "
@@ -192,15 +172,12 @@ def _define_flags() -> None:
     flags.DEFINE_bool("save_logits", False, "also write <stem>_logits.npy (float32 H x W x C)")
     flags.DEFINE_bool("resize", True, "keep-ratio resize to data.img_scale as mmseg's test "
                       "pipeline (--noresize: run at the image's own size)")
-    flags.mark_flags_as_required(["config", "checkpoint", "output"])
+    flags.mark_flags_as_required(["checkpoint", "output"])
 
 
 def run() -> None:
-    """Console entry point."""
-    from absl import app
-
-    _define_flags()
-    app.run(main, argv=sys.argv)
+    """`python -m unet_jax.predict` / the `unet-jax-predict` console entry."""
+    cli.run(main, prog="unet_jax.predict", define_flags=_define_flags)
 
 
 if __name__ == "__main__":

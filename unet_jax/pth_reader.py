@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax.errors import CheckpointError, UnsafeCheckpointError
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
@@ -25,11 +27,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The checkpoint asks to import or call something outside the allowlist."""
-
-
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(CheckpointError):
     """The file is not a readable torch zip checkpoint."""
 
 
@@ -144,7 +142,7 @@ def load_pth(path: str | Path) -> Any:
     """Load a torch zip checkpoint into Python objects with numpy arrays in place of tensors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as err:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax import parallel, zoo
+from unet_jax import parallel
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -141,13 +141,9 @@ def print_table(summary: Mapping[str, Any], config: Any, step: int | None) -> No
     where = f" at step {step}" if step is not None else ""
     print(f"\nper-class results on {config.data.name} validation{where}:")
     print(format_table(summary, list(config.data.classes)))
-    key = (config.data.name, config.model.head, config.loss.name)
-    if key in zoo.PUBLISHED and config.data.name != "cityscapes":
-        m, vessel = zoo.PUBLISHED[key]
-        print(f"mmseg published for {','.join(key[1:])}: mDice {m:.2f}, vessel Dice {vessel:.2f}")
-    elif key in zoo.PUBLISHED:
-        m, ms = zoo.PUBLISHED[key]
-        print(f"mmseg published for {','.join(key[1:])}: mIoU {m:.2f} (ms+flip {ms:.2f})")
+    if config.published:
+        scores = ", ".join(f"{k} {float(v):.2f}" for k, v in config.published.items())
+        print(f"mmseg published for {config.model.head},{config.loss.name}: {scores}")
 
 
 # --------------------------------------------------------------------------- data and model

@@ -72,8 +72,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cf
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: Any):
     """`train_step` bound to a config, ready for `jax.jit(..., donate_argnums=0)`."""
-    loss_cfg = config.loss.to_dict() if hasattr(config.loss, "to_dict") else dict(config.loss)
-    seed = int(config.train.seed)
+    loss_cfg = config.loss
+    seed = config.train.seed
     schedule = poly_schedule(config.train)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):

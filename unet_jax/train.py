@@ -23,7 +23,7 @@ from unet_jax import checkpoint, parallel
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
 from unet_jax.step import TrainState, create_train_state, make_train_step
-from unet_jax.zoo import cfg_get
+from unet_jax.config import check_config
 
 CONFIG_FILE = "config.json"
 
@@ -63,7 +63,7 @@ def load_splits(config: Any) -> tuple[Any, Any]:
         data.prepare(config.data)
     parallel.sync("unet_jax:data_prepared")
     train_split = "train"
-    if cfg_get(config.data, "host_shard", False):
+    if config.data.host_shard:
         from unet_jax.data.pipeline import host_train_split
         train_split = host_train_split(jax.process_index(), jax.process_count())
     return data.load_split(config.data, train_split), data.load_split(config.data, "validation")
@@ -88,7 +88,7 @@ def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples:
     from unet_jax.data.pipeline import eval_dataset
     from unet_jax.evaluate import evaluate
 
-    samples = eval_dataset(val_ds, config.data, int(cfg_get(config.eval, "max_images", 0) or 0))
+    samples = eval_dataset(val_ds, config.data, config.eval.max_images)
     result = evaluate(model, samples, config, progress=progress, return_examples=num_examples)
     if num_examples:
         summary, examples = result
@@ -98,20 +98,6 @@ def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples:
 
 
 # --------------------------------------------------------------------------- training
-
-def _check_config(config: Any) -> None:
-    for section in ("model", "loss", "train", "data", "eval"):
-        if section not in config:
-            raise ValueError(f"config: expected a `{section}` section (see unet_jax/zoo.py); "
-                             f"found sections {sorted(config.keys())}")
-    t = config.train
-    if int(t.num_steps) < 1:
-        raise ValueError(f"train.num_steps: expected >= 1, found {t.num_steps}")
-    for name in ("log_every", "eval_every", "checkpoint_every"):
-        if int(cfg_get(t, name, 1)) < 0:
-            raise ValueError(f"train.{name}: expected >= 0 (0 = only at the end), found "
-                             f"{cfg_get(t, name, 1)}")
-
 
 def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
@@ -124,7 +110,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     `training_curves.png` and `config.json` into `workdir`. Raises `NonFiniteLossError` if the
     loss stops being finite and `Preempted` after saving on SIGTERM.
     """
-    _check_config(config)
+    check_config(config)
     workdir = Path(workdir).absolute()
     main = parallel.is_main_process()
     if main:
@@ -133,25 +119,22 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     parallel.sync("unet_jax:workdir")
     t = config.train
     num_steps = int(t.num_steps)
-    log_every = int(cfg_get(t, "log_every", 50))
-    eval_every = int(cfg_get(t, "eval_every", 0))
-    ckpt_every = int(cfg_get(t, "checkpoint_every", 0))
-    seed = int(t.seed)
+    log_every, eval_every, ckpt_every = t.log_every, t.eval_every, t.checkpoint_every
+    seed = t.seed
 
     mesh = parallel.make_mesh()
     local_batch = parallel.check_batch_size(int(t.batch_size), mesh)
     if main:
         print(f"{workdir}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
               f"{jax.process_count()} process(es), global batch {int(t.batch_size)} "
-              f"({local_batch} per process), model dtype {config.model.get('dtype', 'float32')}")
+              f"({local_batch} per process), model dtype {config.model.dtype}")
     train_ds, val_ds = load_splits(config)
 
     ckpts = checkpoint.TrainCheckpoints(
-        workdir, keep=int(cfg_get(t, "keep_checkpoints", 3)),
-        metric=str(cfg_get(config.eval, "metric", "mDice")))
+        workdir, keep=t.keep_checkpoints, metric=config.eval.metric)
     resume_step = ckpts.latest_step()
     model = _build(config)
-    if resume_step is None and cfg_get(config, "init_from", ""):
+    if resume_step is None and config.init_from:
         source = checkpoint.load_any_weights(model, str(config.init_from))
         if main:
             print(f"initialised from {source}")
@@ -178,7 +161,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     batches: Iterator[dict[str, np.ndarray]] = train_dataset(
         train_ds, config.data, global_batch_size=int(t.batch_size), seed=seed, start_step=start,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        host_shard=bool(cfg_get(config.data, "host_shard", False)),
+        host_shard=config.data.host_shard,
     ).as_numpy_iterator()
 
     window: dict[str, float] = dict(loop.get("window", {}))
@@ -272,13 +255,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
 def _build(config: Any) -> nnx.Module:
     from unet_jax.models import build_model
-    return build_model(config.model, seed=int(config.train.seed))
+    return build_model(config.model, seed=config.train.seed)
 
 
 def _evaluate_and_log(config: Any, graphdef: nnx.GraphDef, state: TrainState, val_ds: Any,
                       step: int, log: MetricsLog, board: TensorBoard,
                       ckpts: checkpoint.TrainCheckpoints, workdir: Path) -> dict[str, Any]:
-    num_overlays = int(cfg_get(config.train, "num_overlays", 4))
+    num_overlays = config.train.num_overlays
     model = _eval_model(graphdef, state)
     summary, examples = run_evaluation(model, val_ds, config, num_examples=num_overlays,
                                        progress=parallel.is_main_process())
@@ -316,11 +299,11 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, An
     Appends a line (split "validation", mode "eval") to `<workdir>/metrics.jsonl` when a workdir
     is given, prints the per-class table and returns the summary.
     """
-    _check_config(config)
+    check_config(config)
     source = None
     if workdir is not None and (Path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
         source = Path(workdir)
-    elif cfg_get(config, "init_from", ""):
+    elif config.init_from:
         source = Path(str(config.init_from))
     if source is None:
         raise FileNotFoundError(
@@ -339,7 +322,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, An
             print(f"evaluating {info['path']}")
     model.eval()
     summary, examples = run_evaluation(model, val_ds, config,
-                                       num_examples=int(cfg_get(config.train, "num_overlays", 4)))
+                                       num_examples=config.train.num_overlays)
     if workdir is not None:
         workdir = Path(workdir)
         if parallel.is_main_process():

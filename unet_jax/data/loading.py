@@ -1,74 +1,93 @@
-"""Prepare and read the dataset of a config's `data` section (name, manual_dir, tfds_data_dir)."""
+"""Prepare and read the dataset of a config's `data` section (name, manual_dir, tfds_data_dir).
+
+Every dataset is one row of `DATASETS`: its TFDS builder name, what `manual_dir` must hold
+(`None`: nothing, the data are generated), the archives that must be there, and how its examples
+map onto the common features. Nothing else in the library knows a dataset by name.
+"""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from unet_jax.config import DATASET_NAMES
 from unet_jax.data import cityscapes
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
-from unet_jax.data.builders.common import DataError, check_manual_dir, data_error
+from unet_jax.data.builders.common import check_manual_dir, data_error
 from unet_jax.data.synthetic import synthetic_config
 
-RETINAL = {"drive": drive.LAYOUT, "stare": stare.LAYOUT, "chase_db1": chase_db1.LAYOUT,
-           "hrf": hrf.LAYOUT}
-CITYSCAPES_CONFIG = "cityscapes/semantic_segmentation"
-NAMES = (*RETINAL, "synthetic", "cityscapes")
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How one dataset is prepared and read."""
+    tfds_name: str
+    layout: str | None                    # what manual_dir holds; None: generated, no download
+    required_files: tuple[str, ...] = ()  # files manual_dir must contain (checked up front)
+    to_common: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]] | None = None
+    options: Callable[[Any], tfds.core.BuilderConfig] | None = None  # builder config from data
 
 
-def _get(data: Any, key: str, default: Any = None) -> Any:
-    if isinstance(data, Mapping):
-        return data.get(key, default)
-    return getattr(data, key, default) if hasattr(data, key) else default
+DATASETS: dict[str, DatasetSpec] = {
+    "drive": DatasetSpec("drive", drive.LAYOUT),
+    "stare": DatasetSpec("stare", stare.LAYOUT),
+    "chase_db1": DatasetSpec("chase_db1", chase_db1.LAYOUT),
+    "hrf": DatasetSpec("hrf", hrf.LAYOUT),
+    "cityscapes": DatasetSpec(
+        "cityscapes/semantic_segmentation", cityscapes.INSTRUCTIONS,
+        required_files=("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"),
+        to_common=cityscapes.to_common_features),
+    "synthetic": DatasetSpec(
+        "synthetic", None, options=lambda data: synthetic_config(**dict(data.synthetic))),
+}
+assert tuple(sorted(DATASETS)) == tuple(sorted(DATASET_NAMES)), "config.DATASET_NAMES is stale"
+NAMES = tuple(DATASETS)
+
+
+def _data(data: Any) -> Any:
+    """`config.data`, or a plain dict of its fields (name, manual_dir, tfds_data_dir, ...)."""
+    if isinstance(data, Mapping) and not isinstance(data, ml_collections.ConfigDict):
+        data = ml_collections.ConfigDict(dict(data))
+    return data
 
 
 def get_builder(data: Any) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `data.name` with `data_dir=data.tfds_data_dir` (nothing prepared).
+    """The TFDS builder of `data.name` with `data_dir=data.tfds_data_dir` (nothing prepared).
 
-    `data.name`: drive | stare | chase_db1 | hrf | synthetic | cityscapes (TFDS's
-    `name/config` form is accepted too). For `synthetic`, an optional `data.synthetic` mapping
-    (image_size, num_train, num_validation, seed) picks the config.
+    `data` is `config.data` or a dict with the same fields.
     """
-    name = str(_get(data, "name", ""))
-    base = name.split("/", 1)[0]
-    if base not in NAMES:
-        raise ValueError(f"data.name: expected one of {', '.join(NAMES)}, found {name!r}")
-    data_dir = _get(data, "tfds_data_dir")
-    data_dir = str(data_dir) if data_dir else None
-    if base == "synthetic" and "/" not in name and _get(data, "synthetic"):
-        options = dict(_get(data, "synthetic"))
-        return tfds.builder("synthetic", data_dir=data_dir, config=synthetic_config(**options))
-    if name == "cityscapes":
-        name = CITYSCAPES_CONFIG
-    return tfds.builder(name, data_dir=data_dir)
+    data = _data(data)
+    spec = DATASETS[data.name]
+    if spec.options is not None:
+        return tfds.builder(spec.tfds_name, data_dir=data.tfds_data_dir,
+                            config=spec.options(data))
+    return tfds.builder(spec.tfds_name, data_dir=data.tfds_data_dir)
 
 
 def prepare(data: Any) -> tfds.core.DatasetBuilder:
     """Build the dataset into `data.tfds_data_dir` unless it is there already; returns the builder.
 
-    The retinal sets and Cityscapes read `data.manual_dir`; the synthetic set needs nothing.
     TFDS writes into a temporary folder and renames it when done, so an interrupted preparation
     is never taken for a finished one: the next call prepares again.
     """
+    data = _data(data)
     builder = get_builder(data)
     if builder.is_prepared():
         return builder
-    base = builder.name
-    manual_dir = _get(data, "manual_dir")
-    if base in RETINAL or base == "cityscapes":
-        layout = RETINAL.get(base, cityscapes.INSTRUCTIONS)
-        check_manual_dir(Path(manual_dir).expanduser() if manual_dir else None, layout)
-        manual_dir = str(Path(manual_dir).expanduser())
-    if base == "cityscapes":
-        for zip_name in ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"):
-            if not (Path(manual_dir) / zip_name).is_file():
-                raise data_error(Path(manual_dir) / zip_name, "Cityscapes archive missing",
-                                 cityscapes.INSTRUCTIONS, "no such file")
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir if base != "synthetic" else None,
-                                          try_download_gcs=False)
+    spec = DATASETS[data.name]
+    manual_dir = None
+    if spec.layout is not None:
+        path = Path(data.manual_dir).expanduser() if data.manual_dir else None
+        check_manual_dir(path, spec.layout)
+        manual_dir = str(path)
+        for name in spec.required_files:
+            if not (path / name).is_file():
+                raise data_error(path / name, "archive missing", spec.layout, "no such file")
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     builder.download_and_prepare(download_config=config)
     return builder
 
@@ -79,16 +98,18 @@ def load_split(data: Any, split: str, *, shuffle_files: bool = False,
     """One split (e.g. 'train', 'validation', or any TFDS split string such as 'train[:50%]')
     as a `tf.data.Dataset` of {'image' uint8 HxWx3 RGB, 'label' uint8 HxW, 'name' string}.
 
-    Prepares the dataset first if needed. Cityscapes labels come as the 19 train ids and 255.
-    `decoders` (e.g. {'image': tfds.decode.SkipDecoding()}) is passed to TFDS; for Cityscapes
-    the label must stay decoded (it is remapped).
+    Prepares the dataset first if needed. `decoders` (e.g. {'image':
+    tfds.decode.SkipDecoding()}) is passed to TFDS; labels that are remapped (Cityscapes' ids to
+    train ids) must stay decoded.
     """
+    data = _data(data)
     builder = prepare(data)
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
                             decoders=dict(decoders) if decoders else None)
-    if builder.name == "cityscapes":
-        ds = ds.map(cityscapes.to_common_features, num_parallel_calls=tf.data.AUTOTUNE)
+    to_common = DATASETS[data.name].to_common
+    if to_common is not None:
+        ds = ds.map(to_common, num_parallel_calls=tf.data.AUTOTUNE)
     return ds
 
 
-__all__ = ["DataError", "NAMES", "get_builder", "load_split", "prepare"]
+__all__ = ["DATASETS", "NAMES", "get_builder", "load_split", "prepare"]

@@ -14,7 +14,7 @@ from flax import nnx
 from unet_jax.models.heads import ASPPHead, FCNHead, PSPHead
 from unet_jax.models.unet import UNet
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class EncoderDecoder(nnx.Module):
@@ -47,47 +47,32 @@ def head_channels(head: str, base_channels: int) -> int:
 
 
 def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> EncoderDecoder:
-    """Build the segmentor described by `config.model` (fields as in `unet_jax.zoo`)."""
+    """Build the segmentor described by `config.model` (see `unet_jax.recipe`)."""
     rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
-    dtype_name = model_cfg.get("dtype", "float32")
-    if dtype_name not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, found {dtype_name!r}")
-    dtype = DTYPES[dtype_name]
-    base = int(model_cfg.base_channels)
-    num_stages = int(model_cfg.get("num_stages", 5))
+    m = model_cfg
+    dtype = DTYPES[m.dtype]
+    base = m.base_channels
     backbone = UNet(
-        in_channels=int(model_cfg.get("in_channels", 3)), base_channels=base,
-        num_stages=num_stages,
-        strides=tuple(model_cfg.get("strides", (1,) * num_stages)),
-        enc_num_convs=tuple(model_cfg.get("enc_num_convs", (2,) * num_stages)),
-        dec_num_convs=tuple(model_cfg.get("dec_num_convs", (2,) * (num_stages - 1))),
-        downsamples=tuple(model_cfg.get("downsamples", (True,) * (num_stages - 1))),
-        enc_dilations=tuple(model_cfg.get("enc_dilations", (1,) * num_stages)),
-        dec_dilations=tuple(model_cfg.get("dec_dilations", (1,) * (num_stages - 1))),
-        with_cp=bool(model_cfg.get("with_cp", False)),
-        norm_eval=bool(model_cfg.get("norm_eval", False)), dtype=dtype, rngs=rngs)
-    num_classes = int(model_cfg.num_classes)
-    dropout = float(model_cfg.get("dropout_ratio", 0.1))
-    head = model_cfg.head
-    channels = int(model_cfg.get("head_channels", 0) or head_channels(head, base))
-    decode_index = num_stages - 1
-    if head == "fcn":
-        decode = FCNHead(base, channels, num_classes, in_index=decode_index, num_convs=1,
-                         concat_input=False, dropout_ratio=dropout, dtype=dtype, rngs=rngs)
-    elif head == "pspnet":
-        decode = PSPHead(base, channels, num_classes, in_index=decode_index,
-                         pool_scales=tuple(model_cfg.get("pool_scales", (1, 2, 3, 6))),
-                         dropout_ratio=dropout, dtype=dtype, rngs=rngs)
-    elif head == "deeplabv3":
-        decode = ASPPHead(base, channels, num_classes, in_index=decode_index,
-                          dilations=tuple(model_cfg.get("dilations", (1, 12, 24, 36))),
-                          dropout_ratio=dropout, dtype=dtype, rngs=rngs)
+        in_channels=m.in_channels, base_channels=base, num_stages=m.num_stages,
+        strides=tuple(m.strides), enc_num_convs=tuple(m.enc_num_convs),
+        dec_num_convs=tuple(m.dec_num_convs), downsamples=tuple(m.downsamples),
+        enc_dilations=tuple(m.enc_dilations), dec_dilations=tuple(m.dec_dilations),
+        with_cp=m.with_cp, norm_eval=m.norm_eval, dtype=dtype, rngs=rngs)
+    channels = m.head_channels or head_channels(m.head, base)
+    decode_index = m.num_stages - 1
+    common = dict(in_index=decode_index, dropout_ratio=m.dropout_ratio, dtype=dtype, rngs=rngs)
+    if m.head == "fcn":
+        decode = FCNHead(base, channels, m.num_classes, num_convs=1, concat_input=False,
+                         **common)
+    elif m.head == "pspnet":
+        decode = PSPHead(base, channels, m.num_classes, pool_scales=tuple(m.pool_scales),
+                         **common)
     else:
-        raise ValueError(f"model.head must be one of fcn, pspnet, deeplabv3; found {head!r}")
+        decode = ASPPHead(base, channels, m.num_classes, dilations=tuple(m.dilations), **common)
     aux = None
-    if model_cfg.get("aux", True):
-        aux = FCNHead(base * 2, base, num_classes, in_index=decode_index - 1, num_convs=1,
-                      concat_input=False, dropout_ratio=dropout, dtype=dtype, rngs=rngs)
+    if m.aux:
+        aux = FCNHead(base * 2, base, m.num_classes, in_index=decode_index - 1, num_convs=1,
+                      concat_input=False, dropout_ratio=m.dropout_ratio, dtype=dtype, rngs=rngs)
     return EncoderDecoder(backbone, decode, aux)
 
 

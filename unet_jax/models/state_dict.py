@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unet_jax.errors import CheckpointError
+
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
                   "mean": "running_mean", "var": "running_var"}
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(CheckpointError):
     """A state_dict does not fit the model built from the config."""
 
 

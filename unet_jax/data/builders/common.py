@@ -29,12 +29,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
+from unet_jax.errors import DataError
+
 TRAIN, VALIDATION = "train", "validation"
 _JUNK = re.compile(r"(^|/)(\.|__MACOSX/|Thumbs\.db$|desktop\.ini$)")
-
-
-class DataError(ValueError):
-    """A dataset file or layout is not what the builder expects."""
 
 
 def data_error(where: str | os.PathLike, problem: str, expected: str, found: str) -> DataError:

@@ -1,0 +1,324 @@
+"""Configs: load `configs/<name>.py[:arg]`, override dotted fields, and `check_config` at start-up.
+
+A config is an ml_collections `ConfigDict` with the sections of `unet_jax.recipe.unet_s5_d16`
+(model, loss, train, data, eval; init_from, published). Library code reads `config.a.b`
+directly; `check_config` is the one place that says what each field may hold, and every entry
+point calls it before preparing data or compiling anything, so a wrong value costs nothing.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from unet_jax.errors import ConfigError
+from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES
+
+DATASET_NAMES = ("drive", "stare", "chase_db1", "hrf", "cityscapes", "synthetic")
+# Datasets whose builder takes options from a section of `data` (unet_jax.data.loading.DATASETS).
+DATASET_OPTIONS = {"synthetic": ("image_size", "num_train", "num_validation", "seed")}
+DTYPE_NAMES = ("float32", "bfloat16", "float64")
+SUMMARY_METRICS = ("aAcc", "mIoU", "mDice", "mAcc")
+SECTIONS = ("model", "loss", "train", "data", "eval")
+
+
+# ------------------------------------------------------------------------------ loading
+def load_config(spec: str, overrides: Mapping[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+    """`spec` is "path/to/config.py[:arg]"; `overrides` map dotted names to values.
+
+    String values of `overrides` are parsed as Python literals where the field is not a string
+    (as on the command line: `train.num_steps=100`, `data.crop_size=(32,32)`).
+    """
+    path, _, arg = str(spec).partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist (expected e.g. configs/drive.py"
+                          "[:pspnet,ce_dice])")
+    module_spec = importlib.util.spec_from_file_location(f"unet_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ConfigError(f"{file}: not a valid Python config file: {err}") from err
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{file} defines no get_config(arg)")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{file}: get_config must return an ml_collections.ConfigDict, "
+                          f"found {type(config).__name__}")
+    for dotted, value in (overrides or {}).items():
+        set_field(config, dotted, value)
+    return config
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Set `config.<dotted>` to `value` (a string is parsed unless the field holds a string)."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for k, name in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise ConfigError(f"--config.{dotted}: the config has no field "
+                              f"{'.'.join(parents[:k + 1])!r}")
+        node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f"--config.{dotted}: the config has no field {dotted!r}"
+                          + (f"; {'.'.join(parents) or 'it'} has {', '.join(fields)}"
+                             if fields else ""))
+    current = node[leaf]
+    if isinstance(value, str) and not isinstance(current, str):
+        value = _parse_literal(value, current)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--config.{dotted}={value!r}: expected a value like "
+                          f"{current!r} ({type(current).__name__})") from err
+
+
+def _parse_literal(text: str, current: Any) -> Any:
+    if isinstance(current, bool) or text in ("True", "False", "true", "false"):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if "," in text:  # 32,32 -> (32, 32)
+            try:
+                return tuple(ast.literal_eval(f"({text},)"))
+            except (ValueError, SyntaxError):
+                pass
+        return text
+
+
+# ------------------------------------------------------------------------------ checking
+def _fail(field: str, expected: str, found: Any) -> ConfigError:
+    return ConfigError(f"config field {field}: expected {expected}, found {found!r}")
+
+
+def _int(c: Any, field: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    value = _get(c, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(field, "an integer", value)
+    if minimum is not None and value < minimum:
+        raise _fail(field, f"an integer >= {minimum}", value)
+    if maximum is not None and value > maximum:
+        raise _fail(field, f"an integer <= {maximum}", value)
+    return value
+
+
+def _float(c: Any, field: str, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False) -> float:
+    value = _get(c, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(field, "a finite number", value)
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise _fail(field, f"a number {' and '.join(p for p in (lo, hi) if p)}", value)
+    return float(value)
+
+
+def _bool(c: Any, field: str) -> bool:
+    value = _get(c, field)
+    if not isinstance(value, bool):
+        raise _fail(field, "True or False", value)
+    return value
+
+
+def _choice(c: Any, field: str, choices: Sequence[str]) -> str:
+    value = _get(c, field)
+    if value not in choices:
+        raise _fail(field, f"one of {', '.join(choices)}", value)
+    return value
+
+
+def _str(c: Any, field: str, allow_empty: bool = True) -> str:
+    value = _get(c, field)
+    if not isinstance(value, str) or (not allow_empty and not value):
+        raise _fail(field, "a non-empty string" if not allow_empty else "a string", value)
+    return value
+
+
+def _ints(c: Any, field: str, length: int | None = None, minimum: int = 1) -> tuple[int, ...]:
+    value = _get(c, field)
+    ok = (isinstance(value, (tuple, list)) and (length is None or len(value) == length)
+          and len(value) > 0
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                  for v in value))
+    if not ok:
+        size = f"{length} " if length is not None else ""
+        raise _fail(field, f"a tuple of {size}integers >= {minimum}", value)
+    return tuple(value)
+
+
+def _floats(c: Any, field: str, length: int | None = None) -> tuple[float, ...]:
+    value = _get(c, field)
+    ok = (isinstance(value, (tuple, list)) and (length is None or len(value) == length)
+          and len(value) > 0
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in value))
+    if not ok:
+        raise _fail(field, f"a tuple of {length or ''} finite numbers".replace("  ", " "), value)
+    return tuple(float(v) for v in value)
+
+
+def _get(c: Any, field: str) -> Any:
+    node = c
+    for name in field.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise ConfigError(f"config field {field} is missing (every config starts from "
+                              "unet_jax.recipe.unet_s5_d16; see configs/drive.py)")
+        node = node[name]
+    return node
+
+
+def check_config(config: Any) -> ml_collections.ConfigDict:
+    """Validate every field of `config` (types, ranges, enums, consistency); returns it.
+
+    Raises one `ConfigError` naming the first bad field, what it expects and what it holds.
+    """
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config: expected an ml_collections.ConfigDict, found "
+                          f"{type(config).__name__}")
+    for section in SECTIONS:
+        if section not in config or not isinstance(config[section], ml_collections.ConfigDict):
+            raise ConfigError(f"config: expected a `{section}` section (every config starts "
+                              f"from unet_jax.recipe.unet_s5_d16); found sections "
+                              f"{sorted(config.keys())}")
+    for field in DATASET_FIELDS:
+        if _get(config, field) is None:
+            raise ConfigError(f"config field {field} is not set: a dataset config must give it "
+                              "(see configs/drive.py)")
+    _check_model(config)
+    _check_loss(config)
+    _check_train(config)
+    _check_data(config)
+    _check_eval(config)
+    _str(config, "init_from")
+    published = _get(config, "published")
+    if not isinstance(published, (Mapping, ml_collections.ConfigDict)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in published.values()):
+        raise _fail("published", "a dict of metric name -> published score", published)
+    return config
+
+
+def _check_model(c: Any) -> None:
+    _choice(c, "model.head", HEADS)
+    _int(c, "model.base_channels", 1)
+    _int(c, "model.head_channels", 0)
+    _int(c, "model.num_classes", 2, 255)
+    _int(c, "model.in_channels", 3, 3)
+    stages = _int(c, "model.num_stages", 2)
+    for field, length in (("strides", stages), ("enc_num_convs", stages),
+                          ("enc_dilations", stages), ("dec_num_convs", stages - 1),
+                          ("dec_dilations", stages - 1)):
+        _ints(c, f"model.{field}", length)
+    if any(s not in (1, 2) for s in _get(c, "model.strides")):
+        raise _fail("model.strides", "strides of 1 or 2", _get(c, "model.strides"))
+    downsamples = _get(c, "model.downsamples")
+    if (not isinstance(downsamples, (tuple, list)) or len(downsamples) != stages - 1
+            or not all(isinstance(v, bool) for v in downsamples)):
+        raise _fail("model.downsamples", f"a tuple of {stages - 1} booleans", downsamples)
+    for field in ("with_cp", "norm_eval", "aux"):
+        _bool(c, f"model.{field}")
+    _float(c, "model.dropout_ratio", 0.0, 1.0, high_open=True)
+    _ints(c, "model.pool_scales")
+    _ints(c, "model.dilations")
+    dtype = _choice(c, "model.dtype", DTYPE_NAMES)
+    if dtype == "float64":
+        import jax
+        if not jax.config.jax_enable_x64:
+            raise ConfigError("config field model.dtype: float64 needs 64-bit JAX; set "
+                              "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))")
+
+
+def _check_loss(c: Any) -> None:
+    _choice(c, "loss.name", LOSSES)
+    _choice(c, "loss.dice_form", ("legacy", "v1"))
+    for field in ("ce_weight", "dice_weight", "aux_weight"):
+        _float(c, f"loss.{field}", 0.0)
+    _bool(c, "loss.avg_non_ignore")
+    _int(c, "loss.ignore_index", 0, 255)
+
+
+def _check_train(c: Any) -> None:
+    _int(c, "train.num_steps", 1)
+    _int(c, "train.batch_size", 1)
+    for field in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every",
+                  "seed", "num_overlays"):
+        _int(c, f"train.{field}", 0)
+    lr = _float(c, "train.lr", 0.0, low_open=True)
+    _float(c, "train.lr_min", 0.0, lr)
+    _float(c, "train.power", 0.0, low_open=True)
+    _float(c, "train.momentum", 0.0, 1.0, high_open=True)
+    _float(c, "train.weight_decay", 0.0)
+
+
+def _rate(c: Any) -> int:
+    rate = 1
+    strides, downsamples = _get(c, "model.strides"), _get(c, "model.downsamples")
+    for i in range(1, len(strides)):
+        if strides[i] == 2 or downsamples[i - 1]:
+            rate *= 2
+    return rate
+
+
+def _check_data(c: Any) -> None:
+    _choice(c, "data.name", DATASET_NAMES)
+    _str(c, "data.manual_dir")
+    _str(c, "data.tfds_data_dir", allow_empty=False)
+    _ints(c, "data.img_scale", 2)
+    crop = _ints(c, "data.crop_size", 2)
+    rate = _rate(c)
+    if crop[0] % rate or crop[1] % rate:
+        raise _fail("data.crop_size", f"training crop sides that are multiples of the UNet's "
+                    f"downsample rate {rate}", crop)
+    lo, hi = _floats(c, "data.ratio_range", 2)
+    if not 0 < lo <= hi:
+        raise _fail("data.ratio_range", "(low, high) with 0 < low <= high", (lo, hi))
+    _float(c, "data.cat_max_ratio", 0.0, 1.0, low_open=True)
+    _float(c, "data.flip_prob", 0.0, 1.0)
+    _bool(c, "data.photometric")
+    _floats(c, "data.mean", 3)
+    if any(s <= 0 for s in _floats(c, "data.std", 3)):
+        raise _fail("data.std", "3 positive numbers", _get(c, "data.std"))
+    classes = _get(c, "data.classes")
+    num_classes = _get(c, "model.num_classes")
+    if (not isinstance(classes, (tuple, list)) or len(classes) != num_classes
+            or not all(isinstance(n, str) and n for n in classes)):
+        raise _fail("data.classes", f"{num_classes} class names (model.num_classes)", classes)
+    palette = _get(c, "data.palette")
+    if (not isinstance(palette, (tuple, list)) or len(palette) != num_classes or not all(
+            isinstance(p, (tuple, list)) and len(p) == 3
+            and all(isinstance(v, int) and 0 <= v <= 255 for v in p) for p in palette)):
+        raise _fail("data.palette", f"{num_classes} RGB colours of 0..255", palette)
+    _bool(c, "data.host_shard")
+    name = c.data.name
+    for key in DATASET_OPTIONS.get(name, ()):
+        _int(c, f"data.{name}.{key}", 0 if key == "seed" else 1)
+
+
+def _check_eval(c: Any) -> None:
+    _choice(c, "eval.mode", ("slide", "whole"))
+    _ints(c, "eval.crop_size", 2)
+    _ints(c, "eval.stride", 2)
+    _bool(c, "eval.tta")
+    scales = _floats(c, "eval.tta_scales")
+    if any(s <= 0 for s in scales):
+        raise _fail("eval.tta_scales", "positive scale factors", scales)
+    _int(c, "eval.batch_windows", 1)
+    _int(c, "eval.max_images", 0)
+    _choice(c, "eval.metric", SUMMARY_METRICS)

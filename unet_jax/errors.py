@@ -1,0 +1,42 @@
+"""The one error family for user mistakes.
+
+Anything a user can fix (a config value, a missing or malformed file, a checkpoint that does not
+fit, an input image, a locked run folder) raises a `UserError` subclass whose message names the
+file or field, what was expected and what was found. `unet_jax.cli` prints such an error as one
+line on stderr with exit code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix; its message is one self-contained line."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value is missing, of the wrong kind or out of range."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset file or layout is not what the builder expects."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint (mmseg .pth, weights folder, training checkpoint) is unreadable or unfit."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A .pth asks to import or call something outside the reader's allowlist."""
+
+
+class InputError(UserError, ValueError):
+    """A command-line input (image, folder, output path) cannot be used as given."""
+
+
+class WorkdirError(UserError):
+    """The run folder cannot be used: locked by another run, or holding another model."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` folded onto one line."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__

@@ -1,0 +1,127 @@
+"""What every zoo row shares: mmseg's UNet-S5-D16, its heads, SGD + PolyLR, loss weights, augmentation.
+
+Values are mmsegmentation 1.2.2's `configs/_base_/models/*_unet_s5-d16.py`,
+`configs/_base_/schedules/schedule_40k.py` and the dataset pipelines' common transforms. The
+dataset configs (`configs/<dataset>.py`) start from `unet_s5_d16(head, loss)` and write their own
+values (data, crop, stride, steps, classes, metric, published score) literally; every field a
+dataset must set is `None` here and `unet_jax.config.check_config` refuses a config that leaves
+one unset.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import ml_collections
+
+HEADS = ("fcn", "pspnet", "deeplabv3")
+LOSSES = ("ce", "ce_dice")
+# Filled in by each dataset config.
+DATASET_FIELDS = (
+    "model.num_classes", "train.num_steps", "train.eval_every", "train.checkpoint_every",
+    "data.name", "data.manual_dir", "data.img_scale", "data.crop_size", "data.classes",
+    "data.palette", "data.host_shard", "eval.mode", "eval.crop_size", "eval.stride",
+    "eval.metric")
+
+
+def parse_arg(arg: str | None, rows: Collection[tuple[str, str]], config_name: str,
+              default_loss: str = "ce") -> tuple[str, str]:
+    """Split a config argument "<head>,<loss>" (either part optional) and check it is a row.
+
+    `rows` are the (head, loss) pairs the config offers; `config_name` names it in errors.
+    """
+    from unet_jax.errors import ConfigError
+
+    head, loss = "fcn", default_loss
+    for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
+        if part in HEADS:
+            head = part
+        elif part in LOSSES:
+            loss = part
+        else:
+            raise ConfigError(
+                f"{config_name}: config argument {arg!r} has an unknown part {part!r}; expected "
+                f"a head in {', '.join(HEADS)} and/or a loss in {', '.join(LOSSES)}, "
+                f"e.g. 'pspnet,ce_dice'")
+    if (head, loss) not in rows:
+        offered = ", ".join(f"{h},{l}" for h, l in sorted(rows))
+        raise ConfigError(f"{config_name} has no zoo row {head},{loss}; available: {offered}")
+    return head, loss
+
+
+def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
+    """The config of one UNet-S5-D16 zoo row without its dataset values (those are None)."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        head=head,
+        base_channels=64,        # backbone width; head widths follow it (see head_channels)
+        head_channels=0,         # decode-head width; 0 = follow base_channels (FCN x1, PSP/ASPP x1/4)
+        num_classes=None,
+        in_channels=3,
+        num_stages=5,
+        strides=(1, 1, 1, 1, 1),
+        enc_num_convs=(2, 2, 2, 2, 2),
+        dec_num_convs=(2, 2, 2, 2),
+        downsamples=(True, True, True, True),
+        enc_dilations=(1, 1, 1, 1, 1),
+        dec_dilations=(1, 1, 1, 1),
+        with_cp=False,           # activation checkpointing (memory only, same maths)
+        norm_eval=False,         # freeze backbone BatchNorm statistics during training
+        dropout_ratio=0.1,       # Dropout2d before conv_seg, both heads
+        pool_scales=(1, 2, 3, 6),    # PSP head
+        dilations=(1, 12, 24, 36),   # ASPP head
+        aux=True,                # the auxiliary FCN head on the 1/2-resolution map
+        dtype="float32",         # compute dtype: float32 (parity), bfloat16 (speed), float64
+    ))
+    c.loss = ml_collections.ConfigDict(dict(
+        name=loss,
+        ce_weight=1.0,
+        dice_weight=3.0,
+        dice_form="legacy",      # legacy (mmseg 0.x: trained the published weights) | v1 (1.x)
+        aux_weight=0.4,
+        avg_non_ignore=False,    # mmseg's CE divides by all pixels, ignored ones included
+        ignore_index=255,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=None,
+        batch_size=16,           # global: 4 GPUs x 4 images in mmseg
+        eval_every=None,
+        checkpoint_every=None,
+        keep_checkpoints=3,      # periodic checkpoints kept (0 = all)
+        log_every=50,
+        seed=0,
+        lr=0.01,
+        lr_min=1e-4,
+        power=0.9,
+        momentum=0.9,
+        weight_decay=5e-4,
+        num_overlays=4,          # validation images drawn as image | truth | prediction
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        name=None,
+        manual_dir=None,         # the official archives or their extracted folders
+        tfds_data_dir="data/tfds",
+        img_scale=None,          # mmseg's img_scale: (long, short)-style keep-ratio target
+        crop_size=None,
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        flip_prob=0.5,
+        photometric=True,
+        mean=(123.675, 116.28, 103.53),
+        std=(58.395, 57.12, 57.375),
+        classes=None,
+        palette=None,
+        host_shard=None,         # each host reads only its shard of the training split
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        mode=None,               # slide | whole
+        crop_size=None,
+        stride=None,
+        tta=False,               # multi-scale + flip test-time augmentation
+        tta_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+        batch_windows=64,        # slide windows per compiled call
+        max_images=0,            # 0 = the whole validation split
+        metric=None,             # the summary key that picks the best checkpoint
+    ))
+    c.init_from = ""             # initial weights: an mmseg .pth, a weights folder or a workdir
+    c.published = ml_collections.ConfigDict()  # mmseg's published scores of this row, if any
+    return c
