@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from unet_jax.models import build_model
-from unet_jax.models.state_dict import load_state_dict
-from unet_jax.pth_reader import extract_state_dict, load_pth
+from unet_jax.models.mmseg import extract_state_dict, load_state_dict
+from unet_jax.models.pth import load_pth
 from unet_jax.config import load_config
 
 # fixture name -> (dataset, head)

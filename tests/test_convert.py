@@ -16,8 +16,9 @@ from unet_jax.checkpoint_io import restore_weights
 from unet_jax.convert import export_mmseg, import_mmseg
 from unet_jax.errors import InputError
 from unet_jax.models import build_model
-from unet_jax.models.state_dict import StateDictMismatchError, load_state_dict
-from unet_jax.pth_reader import UnsafeCheckpointError, extract_state_dict, load_pth
+from unet_jax.models.mmseg import StateDictMismatchError, extract_state_dict, load_state_dict
+from unet_jax.errors import UnsafeCheckpointError
+from unet_jax.models.pth import load_pth
 
 
 def _config(name):

@@ -11,9 +11,9 @@ from conftest import FIXTURES, require_shared
 from unet_jax import inference as inf
 from unet_jax.sizes import rescale_size
 from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
-from unet_jax.models.state_dict import load_state_dict
+from unet_jax.models.mmseg import extract_state_dict, load_state_dict
 from unet_jax.models import build_model
-from unet_jax.pth_reader import extract_state_dict, load_pth
+from unet_jax.models.pth import load_pth
 from unet_jax.config import load_config
 
 

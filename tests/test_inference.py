@@ -15,8 +15,8 @@ from unet_jax import inference as inf
 from unet_jax.sizes import rescale_size
 import mmseg_fixtures
 from unet_jax.models import build_model
-from unet_jax.models.state_dict import load_state_dict
-from unet_jax.pth_reader import extract_state_dict, load_pth
+from unet_jax.models.mmseg import extract_state_dict, load_state_dict
+from unet_jax.models.pth import load_pth
 
 WINDOWS = 16  # batch_windows used for the 32x32-crop fixtures: one compiled forward for all
 

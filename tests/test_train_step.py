@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmseg_fixtures import tiny_model
-from unet_jax.models.state_dict import model_state_dict
+from unet_jax.models.mmseg import model_state_dict
 from unet_jax.step import create_train_state, make_train_step, merge_model
 
 VARIANTS = {"fcn_drive": ("fcn_drive", ""), "pspnet_drive": ("pspnet_drive", ""),

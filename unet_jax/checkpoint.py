@@ -306,8 +306,8 @@ def load_any_weights(model: nnx.Module, path: str | Path) -> str:
     """Fill `model` from an mmseg `.pth` file or any folder `find_weights` knows; says which."""
     path = Path(path).expanduser()
     if path.is_file():
-        from unet_jax.models.state_dict import load_state_dict
-        from unet_jax.pth_reader import extract_state_dict, load_pth
+        from unet_jax.models.mmseg import extract_state_dict, load_state_dict
+        from unet_jax.models.pth import load_pth
         load_state_dict(model, extract_state_dict(load_pth(path), path), source=str(path))
         return f"mmseg checkpoint {path}"
     if not path.exists():

@@ -22,8 +22,8 @@ from unet_jax import cli
 from unet_jax.checkpoint_io import read_meta, save_weights
 from unet_jax.models import build_model
 from unet_jax.errors import InputError
-from unet_jax.models.state_dict import load_state_dict, model_state_dict
-from unet_jax.pth_reader import extract_state_dict, load_pth
+from unet_jax.models.mmseg import extract_state_dict, load_state_dict, model_state_dict
+from unet_jax.models.pth import load_pth
 
 TORCH_HINT = ("writing a .pth needs PyTorch: install the converter extra with "
               "`pip install -e .[torch]` (or `pip install torch==2.13.0`)")

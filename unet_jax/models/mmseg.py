@@ -1,4 +1,4 @@
-"""Map between unet_jax module state and mmsegmentation state_dict keys.
+"""mmsegmentation checkpoints <-> unet_jax models: the state_dict key map and strict loading.
 
 Module attributes mirror mmseg's names, so a state path joined with '.' is the mmseg prefix;
 only the leaf names differ (kernel -> weight with OIHW <-> HWIO, scale -> weight,
@@ -6,6 +6,7 @@ mean/var -> running_mean/running_var). `num_batches_tracked` has no counterpart 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -103,3 +104,18 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, Any], source: str = "<st
         raise StateDictMismatchError("\n".join(lines))
     for key, (_, var) in ours.items():
         var[...] = jnp.asarray(from_torch_layout(key, np.asarray(theirs[key], np.float32)))
+
+
+def extract_state_dict(obj: Any, path: str | Path = "<checkpoint>") -> dict[str, np.ndarray]:
+    """mmengine's rule: `obj['state_dict']` if present, else obj itself; strip `module.`."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(
+            f"{path}: expected a dict with a 'state_dict' entry or a bare state dict, "
+            f"found {type(obj).__name__}")
+    out = {}
+    for key, value in sd.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if isinstance(value, np.ndarray):
+            out[key] = value
+    return out

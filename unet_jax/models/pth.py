@@ -156,18 +156,3 @@ def load_pth(path: str | Path) -> Any:
                 f"{path}: expected exactly one data.pkl in the zip, found {pkls}")
         prefix = pkls[0][: -len("data.pkl")]
         return _RestrictedUnpickler(zf.read(pkls[0]), zf, prefix, path).load()
-
-
-def extract_state_dict(obj: Any, path: str | Path = "<checkpoint>") -> dict[str, np.ndarray]:
-    """mmengine's rule: `obj['state_dict']` if present, else obj itself; strip `module.`."""
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise CheckpointFormatError(
-            f"{path}: expected a dict with a 'state_dict' entry or a bare state dict, "
-            f"found {type(obj).__name__}")
-    out = {}
-    for key, value in sd.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        if isinstance(value, np.ndarray):
-            out[key] = value
-    return out
