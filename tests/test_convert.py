@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mmseg_fixtures import MODELS, tiny_config
-from unet_jax.checkpoint_io import restore_weights
+from unet_jax import weights
 from unet_jax.convert import export_mmseg, import_mmseg
 from unet_jax.errors import InputError
 from unet_jax.models import build_model
@@ -53,7 +53,7 @@ def test_convert_roundtrip_gives_mmseg_logits_and_identical_pth(fixtures_dir, tm
     src = fixtures_dir / "models" / "deeplabv3_drive_published.pth"
     import_mmseg(config, src, tmp_path / "ckpt")
     model = build_model(config.model)
-    meta = restore_weights(tmp_path / "ckpt", model)
+    meta = weights.load(model, tmp_path / "ckpt")
     assert meta["classes"] == ["background", "vessel"] and meta["layout"] == "mmseg-0.x"
     model.eval()
     x = np.load(fixtures_dir / "models" / "inputs.npz")["x48x80"].transpose(0, 2, 3, 1)
@@ -80,7 +80,7 @@ def test_cli_end_to_end(fixtures_dir, tmp_path):
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "fcn" / "variables").is_dir()
+    assert (tmp_path / "fcn" / "model").is_dir()
     bad = cmd[:-2] + ["--output", str(tmp_path / "bad")]
     bad[bad.index(str(fixtures_dir / "models" / "fcn_drive.pth"))] = str(
         fixtures_dir / "models" / "fcn_cityscapes.pth")

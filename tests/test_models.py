@@ -25,7 +25,7 @@ def test_backbone_shapes_full_width():
     def forward():
         model = build_model(load_config("configs/drive.py:fcn").model)
         x = jnp.zeros((2, 64, 64, 3))
-        return model.extract_feat(x), model(x)
+        return model.extract_feat(x), model(x, rngs=nnx.Rngs(dropout=0))
 
     feats, (dec, aux) = nnx.eval_shape(forward)
     assert [f.shape for f in feats] == [(2, 4, 4, 1024), (2, 8, 8, 512), (2, 16, 16, 256),
@@ -130,7 +130,7 @@ def test_with_cp_and_norm_eval_options():
 
         def f(p):
             m = nnx.merge(graphdef, p, rest, copy=True)
-            return jnp.mean(m(x)[0] ** 2)
+            return jnp.mean(m(x, rngs=nnx.Rngs(dropout=0))[0] ** 2)
         return jax.jit(jax.value_and_grad(f))(params), model
 
     (plain, g1), _ = loss_and_grads()

@@ -84,7 +84,7 @@ def test_two_processes_match_one_process(tmp_path, run_env, four_device_run):
         assert p.returncode == 0, err[-3000:]
     assert "4 cpu device(s) in 2 process(es), global batch 4 (2 per process)" in outputs[0][0]
     _assert_same_training(four_device_run, workdir)
-    assert (workdir / "checkpoints" / "3" / "variables").is_dir()
+    assert (workdir / "checkpoints" / "3" / "model").is_dir()
 
 
 def test_mesh_and_global_batch_in_process():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import DATA, FIXTURES, REPO, require_shared
-from unet_jax import convert, predict
+from unet_jax import convert, predict, weights
 from unet_jax.errors import CheckpointError, InputError
 import mmseg_fixtures
 from unet_jax.models import build_model
@@ -81,7 +81,7 @@ def test_predict_errors(tmp_path: Path, pth: Path):
         predict.predict_files(tiny_config(), pth, [tmp_path / "missing.png"], tmp_path / "o",
                               progress=False)
     with pytest.raises(CheckpointError, match="nowhere"):
-        predict.load_weights(build_model(tiny_config().model), tmp_path / "nowhere")
+        weights.load(build_model(tiny_config().model), tmp_path / "nowhere")
 
 
 def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path):

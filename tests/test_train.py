@@ -17,7 +17,7 @@ def final_arrays(workdir: Path) -> dict[str, np.ndarray]:
     ckpt_dir = workdir / "checkpoints"
     step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     out = {}
-    for item in ("variables", "opt_state"):
+    for item in ("model", "train"):
         tree = ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / item)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             out[f"{item}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
@@ -43,8 +43,8 @@ def test_one_step_run_writes_everything(tmp_path, run_env):
         assert 0 <= val[key] <= 100
         assert summary[key] == val[key]
     assert set(val["Dice"]) == {"background", "vessel"}
-    assert (run / "checkpoints" / "1" / "variables").is_dir()
-    assert (run / "best" / "1" / "variables").is_dir()
+    assert (run / "checkpoints" / "1" / "model").is_dir()
+    assert (run / "best" / "1" / "model").is_dir()
     assert len(list((run / "overlays" / "step_1").glob("*.png"))) == 1
     assert (run / "training_curves.png").stat().st_size > 0
     assert list(run.glob("events.out.tfevents.*"))

@@ -70,15 +70,15 @@ class ModelApply:
 
 
 def make_apply_fn(model: nnx.Module) -> ModelApply:
-    """Wrap `model` for inference: eval mode (BN running stats, no dropout), jit-compiled.
+    """Wrap `model` for inference: an eval view (BN running stats, no dropout), jit-compiled.
 
-    `model` itself is left as it is (a training model stays in train mode); its current weights
-    are captured, so call this again after the weights change.
+    The view shares the model's arrays (no copy) and leaves `model` as it is (a training model
+    stays in train mode); the current arrays are captured, so call this again after the weights
+    change.
     """
-    graphdef, state = nnx.split(model)
-    eval_model = nnx.merge(graphdef, state)
-    eval_model.eval()
-    graphdef, state = nnx.split(eval_model)
+    view = nnx.view(model, deterministic=True, use_running_average=True,
+                    raise_if_not_found=False)
+    graphdef, state = nnx.split(view)
     backbone = getattr(model, "backbone", None)
     divisor = int(getattr(backbone, "downsample_rate", 16) or 1)
     return ModelApply(graphdef, state, divisor)

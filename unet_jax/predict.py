@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
 from unet_jax import cli
-from unet_jax.checkpoint import load_any_weights
+from unet_jax import weights
 from unet_jax.evaluate import overlay_image
 from unet_jax.inference import make_apply_fn, segment
 from unet_jax.models import build_model
@@ -46,12 +45,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".ppm", ".bm
 
 class ImageReadError(InputError):
     """An input file could not be decoded as an image."""
-
-
-# ------------------------------------------------------------------------------ model + weights
-def load_weights(model: nnx.Module, checkpoint: str | Path) -> str:
-    """Fill `model` from a .pth file, a weights folder or a training workdir; says which."""
-    return load_any_weights(model, checkpoint)
 
 
 # ------------------------------------------------------------------------------ images
@@ -126,7 +119,7 @@ def predict_files(config: Any, checkpoint: str | Path, inputs: Sequence[str | Pa
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(config.model)
-    load_weights(model, checkpoint)
+    weights.load(model, checkpoint)
     apply_fn = make_apply_fn(model)
     num_classes = int(config.model.num_classes)
     palette = full_palette(config.data.palette, num_classes)

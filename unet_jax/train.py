@@ -1,17 +1,18 @@
 """`train_and_evaluate(config, workdir)`: the one training loop, and `evaluate_checkpoint`.
 
 Data -> one `jax.jit` step over the global batch sharded on the mesh's `data` axis (state
-replicated and donated, BatchNorm over the global batch) -> logs (metrics.jsonl, TensorBoard,
-tqdm) -> periodic evaluation (metrics, overlays, best checkpoint) -> periodic checkpoints.
-A workdir holding checkpoints is resumed from its last committed step, with exactly the data
-order, dropout masks, logs and final parameters of an uninterrupted run.
+replicated and donated, BatchNorm over the global batch) -> log sums on device, read at log
+steps (metrics.jsonl, TensorBoard, tqdm) -> periodic evaluation (metrics, overlays, best
+checkpoint) -> periodic checkpoints. A workdir holding checkpoints is resumed from its last
+committed step, with exactly the data order, dropout masks, logs and final parameters of an
+uninterrupted run.
 """
 from __future__ import annotations
 
 import datetime
-import math
+import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unet_jax import checkpoint, parallel
+from unet_jax import checkpoint, parallel, weights
+from unet_jax.config import check_config
+from unet_jax.errors import CheckpointError, WorkdirError
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
-from unet_jax.step import TrainState, create_train_state, make_train_step
-from unet_jax.config import check_config
+from unet_jax.step import MODEL, TrainState, create_train_state, make_train_step
 
 CONFIG_FILE = "config.json"
 
@@ -69,18 +71,33 @@ def load_splits(config: Any) -> tuple[Any, Any]:
     return data.load_split(config.data, train_split), data.load_split(config.data, "validation")
 
 
-def _loss_names(logs: Mapping[str, Any]) -> list[str]:
-    return ["loss"] + sorted(k for k in logs if k not in ("loss", "lr"))
+def _build(config: Any) -> nnx.Module:
+    from unet_jax.models import build_model
+    return build_model(config.model, seed=config.train.seed)
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def _check_same_model(workdir: Path, config: Any) -> None:
+    """Refuse to resume a workdir whose `config.json` describes another model."""
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text()).get("model", {})
+    except (OSError, json.JSONDecodeError):
+        return
+    ours = json.loads(config.model.to_json())
+    diff = [f"model.{k}: {saved.get(k)!r} in the workdir, {ours.get(k)!r} now"
+            for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+    if diff:
+        raise WorkdirError(f"{workdir} holds checkpoints of another model ({'; '.join(diff)}); "
+                           "resume with the workdir's config or choose a new --workdir")
 
 
 # --------------------------------------------------------------------------- evaluation
-
-def _eval_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
-    params, stats, rngs = parallel.local_copy((state.params, state.batch_stats, state.rngs))
-    model = nnx.merge(graphdef, params, stats, rngs)
-    model.eval()
-    return model
-
 
 def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples: int = 0,
                    progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -97,11 +114,45 @@ def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples:
     return summary, examples
 
 
+def _eval_model(train: TrainState) -> nnx.Module:
+    """The model over a single-device copy of the replicated weights (host-local evaluation)."""
+    graphdef, _ = nnx.split(train.model())
+    return nnx.merge(graphdef, parallel.local_copy(train.state[MODEL]))
+
+
+def _evaluate_and_log(config: Any, train: TrainState, val_ds: Any, step: int, log: MetricsLog,
+                      board: TensorBoard, ckpts: checkpoint.TrainCheckpoints,
+                      workdir: Path) -> dict[str, Any]:
+    summary, examples = run_evaluation(_eval_model(train), val_ds, config,
+                                       num_examples=config.train.num_overlays,
+                                       progress=parallel.is_main_process())
+    log.write({"step": step, "split": "validation", **summary})
+    board.scalars("validation", summary, step)
+    save_overlays(examples, workdir / OVERLAYS_DIR / f"step_{step}", config.data.palette)
+    if parallel.is_main_process():
+        brief = ", ".join(f"{k} {summary.get(k)}" for k in SUMMARY_KEYS)
+        tqdm_write(f"step {step}: validation {brief}")
+    ckpts.save_best(train, step, summary, {"classes": list(config.data.classes),
+                                           "palette": [list(p) for p in config.data.palette],
+                                           "source": f"unet_jax training {workdir}"})
+    return summary
+
+
+def _finished_summary(log: MetricsLog, config: Any, train: TrainState, val_ds: Any,
+                      step: int) -> dict[str, Any]:
+    """The final validation line of a run that is already complete (evaluated if missing)."""
+    for record in reversed(log.read()):
+        if (record.get("split") == "validation" and record.get("step") == step
+                and record.get("mode") != "eval"):
+            if parallel.is_main_process():
+                print(f"{log.path.parent}: already trained to step {step}")
+            return {k: v for k, v in record.items() if k not in ("step", "split")}
+    summary, _ = run_evaluation(_eval_model(train), val_ds, config)
+    log.write({"step": step, "split": "validation", **summary})
+    return summary
+
+
 # --------------------------------------------------------------------------- training
-
-def _every(step: int, interval: int) -> bool:
-    return interval > 0 and step % interval == 0
-
 
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Train `config` in `workdir` (resuming if it holds checkpoints); returns the final summary.
@@ -110,131 +161,106 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     `training_curves.png` and `config.json` into `workdir`. Raises `NonFiniteLossError` if the
     loss stops being finite and `Preempted` after saving on SIGTERM.
     """
+    # ---- set-up: everything that can fail on the user's input fails here, before any work
     check_config(config)
     workdir = Path(workdir).absolute()
     main = parallel.is_main_process()
+    t = config.train
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
-    parallel.sync("unet_jax:workdir")
-    t = config.train
-    num_steps = int(t.num_steps)
-    log_every, eval_every, ckpt_every = t.log_every, t.eval_every, t.checkpoint_every
-    seed = t.seed
-
     mesh = parallel.make_mesh()
-    local_batch = parallel.check_batch_size(int(t.batch_size), mesh)
+    local_batch = parallel.check_batch_size(t.batch_size, mesh)
+    ckpts = checkpoint.TrainCheckpoints(workdir, keep=t.keep_checkpoints,
+                                        metric=config.eval.metric)
+    resume_step = ckpts.latest_step()
+    if resume_step is not None:
+        _check_same_model(workdir, config)
     if main:
         print(f"{workdir}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
-              f"{jax.process_count()} process(es), global batch {int(t.batch_size)} "
+              f"{jax.process_count()} process(es), global batch {t.batch_size} "
               f"({local_batch} per process), model dtype {config.model.dtype}")
     train_ds, val_ds = load_splits(config)
 
-    ckpts = checkpoint.TrainCheckpoints(
-        workdir, keep=t.keep_checkpoints, metric=config.eval.metric)
-    resume_step = ckpts.latest_step()
+    # ---- the model, its optimiser and the jitted step
     model = _build(config)
     if resume_step is None and config.init_from:
-        source = checkpoint.load_any_weights(model, str(config.init_from))
+        info = weights.load(model, config.init_from)
         if main:
-            print(f"initialised from {source}")
-    graphdef, state, tx = create_train_state(model, t)
+            print(f"initialised from {info['source']}")
+    train = create_train_state(model, config)
     del model
-    state = parallel.replicate(state, mesh)
-    loop: dict[str, Any] = {}
-    log = MetricsLog(workdir)
+    train.state = parallel.replicate(train.state, mesh)
     if resume_step is not None:
-        state, loop = ckpts.restore(state, resume_step)
+        ckpts.restore(train, resume_step)
         if main:
             print(f"resuming {workdir} from step {resume_step}")
-    log.truncate(resume_step or 0)
-    start = int(resume_step or 0)
+    if main:
+        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+    parallel.sync("unet_jax:workdir")
+    start = resume_step or 0
+    log = MetricsLog(workdir)
+    log.truncate(start)
     board = TensorBoard(workdir, start)
-
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(graphdef, tx, config),
+    state_sharding = jax.tree.map(lambda x: x.sharding, train.state)
+    step_fn = jax.jit(make_train_step(train, config),
                       in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
-                      out_shardings=(state_sharding, parallel.replicated(mesh)),
-                      donate_argnums=0)
+                      out_shardings=state_sharding, donate_argnums=0)
 
     from unet_jax.data.pipeline import train_dataset
     batches: Iterator[dict[str, np.ndarray]] = train_dataset(
-        train_ds, config.data, global_batch_size=int(t.batch_size), seed=seed, start_step=start,
+        train_ds, config.data, global_batch_size=t.batch_size, seed=t.seed, start_step=start,
         process_index=jax.process_index(), process_count=jax.process_count(),
         host_shard=config.data.host_shard,
     ).as_numpy_iterator()
 
-    window: dict[str, float] = dict(loop.get("window", {}))
-    count = int(loop.get("count", 0))
+    # ---- the loop
     watcher = checkpoint.PreemptionWatcher()
     from tqdm import tqdm
-    bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not main,
+    bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", disable=not main,
                dynamic_ncols=True, mininterval=1.0)
     last_summary: dict[str, Any] | None = None
     tic, tic_step = time.perf_counter(), start
-    pending: tuple[int, Any] | None = None
-
-    def last_good() -> str:
-        latest = ckpts.latest_step()
-        return (f"{ckpts.directory / str(latest)} (step {latest})" if latest is not None
-                else "none (no checkpoint was committed)")
-
-    def consume(step: int, logs: Any) -> dict[str, float]:
-        nonlocal count
-        values = {k: float(v) for k, v in parallel.to_host(logs).items()}
-        if not math.isfinite(values["loss"]):
-            ckpts.wait()
-            raise NonFiniteLossError(
-                f"training loss is {values['loss']} at step {step} (terms "
-                f"{ {k: v for k, v in values.items() if k != 'lr'} }); the last good checkpoint "
-                f"is {last_good()}; lower train.lr or check the data")
-        for k in _loss_names(values):
-            window[k] = window.get(k, 0.0) + values[k]
-        count += 1
-        bar.update(1)
-        return values
-
     try:
-        if start >= num_steps:
-            last_summary = _finished_summary(log, config, graphdef, state, val_ds, start)
-        for step in range(start + 1, num_steps + 1):
-            batch = parallel.global_batch(next(batches), mesh)
-            state, logs = step_fn(state, batch)
-            if pending is not None:
-                consume(*pending)
-            pending = (step, logs)
+        if start >= t.num_steps:
+            last_summary = _finished_summary(log, config, train, val_ds, start)
+        for step in range(start + 1, t.num_steps + 1):
+            train.state = step_fn(train.state, parallel.global_batch(next(batches), mesh))
+            bar.update(1)
             stop = watcher.reached(step)
-            do_log = _every(step, log_every) or step == num_steps
-            do_eval = _every(step, eval_every) or step == num_steps
-            do_ckpt = _every(step, ckpt_every) or step == num_steps or stop
+            do_log = _every(step, t.log_every) or step == t.num_steps
+            do_eval = _every(step, t.eval_every) or step == t.num_steps
+            do_ckpt = _every(step, t.checkpoint_every) or step == t.num_steps or stop
             if not (do_log or do_eval or do_ckpt):
                 continue
-            values = consume(*pending)
-            pending = None
+            logs = train.read_logs()  # the one host sync between log steps
+            if logs["first_nonfinite"] >= 0:
+                ckpts.wait()
+                latest = ckpts.latest_step()
+                good = (f"{ckpts.directory / str(latest)} (step {latest})" if latest is not None
+                        else "none (no checkpoint was committed)")
+                raise NonFiniteLossError(
+                    f"training loss is not finite at step {logs['first_nonfinite'] + 1} (mean "
+                    f"terms since the last log line: {logs['means']}); the last good checkpoint "
+                    f"is {good}; lower train.lr or check the data")
             if do_log:
                 now = time.perf_counter()
-                rate = (step - tic_step) * int(t.batch_size) / max(now - tic, 1e-9)
+                rate = (step - tic_step) * t.batch_size / max(now - tic, 1e-9)
                 tic, tic_step = now, step
-                means = {k: v / max(count, 1) for k, v in window.items()}
-                record = {"step": step, "split": "train", **means, "lr": values["lr"]}
-                log.write(record)
-                board.scalars("train", {**means, "lr": values["lr"], "images_per_s": rate}, step)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                means = logs["means"]
+                log.write({"step": step, "split": "train", **means, "lr": logs["lr"]})
+                board.scalars("train", {**means, "lr": logs["lr"], "images_per_s": rate}, step)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{logs['lr']:.2e}",
                                 img_s=f"{rate:.1f}", refresh=False)
-                window.clear()
-                count = 0
+                train.reset_logs()
             if do_eval:
-                last_summary = _evaluate_and_log(config, graphdef, state, val_ds, step, log,
-                                                 board, ckpts, workdir)
-                tic = time.perf_counter()  # evaluation time does not count as training
-                tic_step = step
+                last_summary = _evaluate_and_log(config, train, val_ds, step, log, board, ckpts,
+                                                 workdir)
+                tic, tic_step = time.perf_counter(), step  # evaluation is not training time
             if do_ckpt:
-                ckpts.save(state, {"window": window, "count": count})
+                ckpts.save(train, step)
             if stop:
                 ckpts.wait()
                 raise Preempted(step, workdir)
-        if pending is not None:
-            consume(*pending)
         ckpts.wait()
     finally:
         bar.close()
@@ -242,53 +268,16 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         board.close()
         ckpts.close()
 
+    # ---- the end: the per-class table, curves and where everything is
     if last_summary is None:
         raise RuntimeError("training ended without an evaluation")
-    final_step = max(start, num_steps)
+    final_step = max(start, t.num_steps)
     print_table(last_summary, config, final_step)
     if main:
         plot_curves(log.read(), workdir / CURVES_FILE)
         print(f"metrics: {log.path}\ncurves: {workdir / CURVES_FILE}\n"
               f"checkpoints: {ckpts.directory} (best {config.eval.metric}: {ckpts.best_directory})")
     return last_summary
-
-
-def _build(config: Any) -> nnx.Module:
-    from unet_jax.models import build_model
-    return build_model(config.model, seed=config.train.seed)
-
-
-def _evaluate_and_log(config: Any, graphdef: nnx.GraphDef, state: TrainState, val_ds: Any,
-                      step: int, log: MetricsLog, board: TensorBoard,
-                      ckpts: checkpoint.TrainCheckpoints, workdir: Path) -> dict[str, Any]:
-    num_overlays = config.train.num_overlays
-    model = _eval_model(graphdef, state)
-    summary, examples = run_evaluation(model, val_ds, config, num_examples=num_overlays,
-                                       progress=parallel.is_main_process())
-    log.write({"step": step, "split": "validation", **summary})
-    board.scalars("validation", summary, step)
-    save_overlays(examples, workdir / OVERLAYS_DIR / f"step_{step}", config.data.palette)
-    if parallel.is_main_process():
-        brief = ", ".join(f"{k} {summary.get(k)}" for k in SUMMARY_KEYS)
-        tqdm_write(f"step {step}: validation {brief}")
-    ckpts.save_best(state, summary, {"classes": list(config.data.classes),
-                                     "palette": [list(p) for p in config.data.palette],
-                                     "source": f"unet_jax training {workdir}"})
-    return summary
-
-
-def _finished_summary(log: MetricsLog, config: Any, graphdef: nnx.GraphDef, state: TrainState,
-                      val_ds: Any, step: int) -> dict[str, Any]:
-    """The final validation line of a run that is already complete (evaluated if missing)."""
-    for record in reversed(log.read()):
-        if (record.get("split") == "validation" and record.get("step") == step
-                and record.get("mode") != "eval"):
-            if parallel.is_main_process():
-                print(f"{log.path.parent}: already trained to step {step}")
-            return {k: v for k, v in record.items() if k not in ("step", "split")}
-    summary, _ = run_evaluation(_eval_model(graphdef, state), val_ds, config)
-    log.write({"step": step, "split": "validation", **summary})
-    return summary
 
 
 # --------------------------------------------------------------------------- eval mode
@@ -304,23 +293,18 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, An
     if workdir is not None and (Path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
         source = Path(workdir)
     elif config.init_from:
-        source = Path(str(config.init_from))
+        source = Path(config.init_from)
     if source is None:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"eval mode: expected checkpoints in {Path(workdir or '.') / checkpoint.CHECKPOINTS_DIR}"
             " or --config.init_from=CKPT (a weights folder, a workdir or an mmseg .pth); "
             "found neither")
-    _, val_ds = load_splits(config)
     model = _build(config)
-    if source.is_file():
-        checkpoint.load_any_weights(model, str(source))
-        step = None
-    else:
-        info = checkpoint.restore_latest_weights(source, model)
-        step = info.get("step")
-        if parallel.is_main_process():
-            print(f"evaluating {info['path']}")
-    model.eval()
+    info = weights.load(model, source)
+    if parallel.is_main_process():
+        print(f"evaluating {info['source']}")
+    _, val_ds = load_splits(config)
+    step = info["step"]
     summary, examples = run_evaluation(model, val_ds, config,
                                        num_examples=config.train.num_overlays)
     if workdir is not None:

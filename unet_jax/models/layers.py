@@ -59,6 +59,11 @@ class BatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.asarray(zeros))
         self.var = nnx.BatchStat(jnp.asarray(ones))
 
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """`nnx.view(model, use_running_average=True)`: an eval view sharing the arrays."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         xf = x.astype(jnp.float32)
@@ -145,12 +150,13 @@ class AdaptiveAvgPool(nnx.Module):
 class DecodeHead(nnx.Module):
     """mmseg BaseDecodeHead's `cls_seg`: channel-wise Dropout2d, then the 1x1 `conv_seg`.
 
-    `conv_seg` has a bias and is initialised N(0, 0.01); logits come out in float32.
+    `conv_seg` has a bias and is initialised N(0, 0.01); logits come out in float32. Dropout
+    draws its mask from the `rngs` of the call (training), so the model holds no random state.
     """
 
     def init_cls_seg(self, channels: int, num_classes: int, dropout_ratio: float, *,
                      dtype=jnp.float32, rngs: nnx.Rngs) -> None:
-        self.dropout = (nnx.Dropout(dropout_ratio, broadcast_dims=(1, 2), rngs=rngs)
+        self.dropout = (nnx.Dropout(dropout_ratio, broadcast_dims=(1, 2))
                         if dropout_ratio > 0 else None)
         self.conv_seg = nnx.Conv(
             channels, num_classes, (1, 1), use_bias=True,
@@ -158,7 +164,7 @@ class DecodeHead(nnx.Module):
                 np.zeros(shape, np.float32)),
             dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-    def cls_seg(self, x: jax.Array) -> jax.Array:
+    def cls_seg(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         if self.dropout is not None:
-            x = self.dropout(x)
+            x = self.dropout(x, rngs=rngs)
         return self.conv_seg(x).astype(jnp.float32)

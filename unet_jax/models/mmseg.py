@@ -119,3 +119,36 @@ def extract_state_dict(obj: Any, path: str | Path = "<checkpoint>") -> dict[str,
         if isinstance(value, np.ndarray):
             out[key] = value
     return out
+
+
+def checkpoint_meta(obj: Any) -> dict[str, Any]:
+    """What an mmseg checkpoint says beside its weights: classes, palette, iteration, layout.
+
+    1.x files keep `meta.dataset_meta.{classes, palette}`, 0.x files `meta.{CLASSES, PALETTE}`;
+    absent values are None.
+    """
+    meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
+    meta = meta if isinstance(meta, dict) else {}
+    ds = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
+    classes = ds.get("classes", meta.get("CLASSES"))
+    palette = ds.get("palette", meta.get("PALETTE"))
+    layout = ("mmseg-1.x" if isinstance(obj, dict) and ("message_hub" in obj or ds)
+              else "mmseg-0.x" if isinstance(obj, dict) and "state_dict" in obj
+              else "bare state_dict")
+    iteration = meta.get("iter")
+    return {"classes": _names(classes), "palette": _colours(palette),
+            "iter": int(iteration) if isinstance(iteration, (int, np.integer)) else None,
+            "layout": layout}
+
+
+def _names(value: Any) -> list[str] | None:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def _colours(value: Any) -> list[list[int]] | None:
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 3
+        and all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in p) for p in value)
+    return [[int(v) for v in p] for p in value] if ok else None

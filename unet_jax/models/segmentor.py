@@ -30,11 +30,16 @@ class EncoderDecoder(nnx.Module):
         """Backbone maps from deepest (1/16) to shallowest (full resolution)."""
         return self.backbone(x)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """Decode logits (N, H, W, C) and auxiliary logits (N, H/2, W/2, C) or None."""
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """Decode logits (N, H, W, C) and auxiliary logits (N, H/2, W/2, C) or None.
+
+        In train mode the heads' Dropout2d masks are drawn from `rngs` (stream `dropout`),
+        the auxiliary head's first.
+        """
         feats = self.extract_feat(x)
-        aux = self.auxiliary_head(feats) if self.auxiliary_head is not None else None
-        return self.decode_head(feats), aux
+        aux = self.auxiliary_head(feats, rngs) if self.auxiliary_head is not None else None
+        return self.decode_head(feats, rngs), aux
 
     def predict(self, x: jax.Array) -> jax.Array:
         """Decode-head logits only, as mmseg's inference (the auxiliary head is skipped)."""
@@ -48,7 +53,7 @@ def head_channels(head: str, base_channels: int) -> int:
 
 def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> EncoderDecoder:
     """Build the segmentor described by `config.model` (see `unet_jax.recipe`)."""
-    rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
+    rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
     m = model_cfg
     dtype = DTYPES[m.dtype]
     base = m.base_channels

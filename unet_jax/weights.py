@@ -1,0 +1,183 @@
+"""Model weights from any source and to any destination: the one module for weight I/O.
+
+`load(model, source)` fills a model built from the config with the weights of
+* an mmseg `.pth` (a 1.x training checkpoint or a released 0.x file; read without torch and
+  without running anything from the file, `unet_jax.models.pth`);
+* a weights folder as `save` (and `unet_jax.convert`) writes it: `model/` (the orbax tree of
+  `nnx.state(model)`: parameters and BatchNorm statistics) and `meta/` (JSON: classes, palette,
+  source, ...);
+* a training checkpoint step (`<workdir>/checkpoints/<step>`, `<workdir>/best/<step>`, which hold
+  the same two items), a manager folder (`<workdir>/checkpoints`: its newest step) or a workdir.
+Loading is strict: every missing, unexpected or mis-shaped entry is reported at once.
+`export_pth` writes the mmseg state_dict layout back (needs torch).
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from unet_jax.errors import CheckpointError, InputError
+from unet_jax.models import mmseg
+from unet_jax.models.pth import load_pth
+
+MODEL_ITEM, META_ITEM = "model", "meta"
+CHECKPOINTS_DIR, BEST_DIR = "checkpoints", "best"
+TORCH_HINT = ("writing a .pth needs PyTorch: install the converter extra with "
+              "`pip install -e .[torch]` (or `pip install torch==2.13.0`)")
+
+
+def model_state(model: nnx.Module) -> nnx.State:
+    """What a weights checkpoint holds: parameters and BatchNorm statistics."""
+    return nnx.state(model, (nnx.Param, nnx.BatchStat))
+
+
+def flat_paths(tree: Any) -> dict[str, Any]:
+    """`{'a/b/0/kernel': leaf}` of any pytree (nnx.State, orbax metadata, nested dicts)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = []
+        for key in path:
+            name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+            names.append(str(name))
+        if names and names[-1] == "value":  # an nnx Variable's array
+            names.pop()
+        out["/".join(names)] = leaf
+    return out
+
+
+# ------------------------------------------------------------------------------ writing
+def save(directory: str | Path, model: nnx.Module, meta: dict[str, Any]) -> Path:
+    """Write a weights folder (`model/` + `meta/`); atomic, and never over an existing path."""
+    directory = Path(directory).absolute()
+    if directory.exists() and any(directory.iterdir()):
+        raise InputError(f"{directory} already exists and is not empty; choose a new --output")
+    if directory.exists():
+        directory.rmdir()  # orbax writes a temporary folder and renames it into place
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(directory, args=ocp.args.Composite(**{
+        MODEL_ITEM: ocp.args.StandardSave(model_state(model)),
+        META_ITEM: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str)))}))
+    checkpointer.close()
+    return directory
+
+
+def require_torch() -> Any:
+    """The torch module, or an `InputError` saying how to install it."""
+    try:
+        import torch
+    except ImportError as err:
+        raise InputError(f"--to-mmseg: {TORCH_HINT}") from err
+    return torch
+
+
+def export_pth(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Path:
+    """Write `model` as an mmseg .pth (state_dict + dataset meta) that `init_model` loads."""
+    torch = require_torch()
+    sd = mmseg.model_state_dict(model, num_batches_tracked=int(meta.get("iter") or 0))
+    state_dict = OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())
+    classes, palette = tuple(meta["classes"]), [list(p) for p in meta["palette"]]
+    out = {"meta": {"dataset_meta": {"classes": classes, "palette": palette},
+                    "CLASSES": classes, "PALETTE": palette, "exported_by": "unet_jax"},
+           "state_dict": state_dict}
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"{path} already exists; choose a new --output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(out, tmp)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ reading
+def find(path: str | Path) -> tuple[Path, int | None]:
+    """The folder holding `model/` that `path` names, and its training step (None if none).
+
+    Accepts a weights folder or step folder, a manager folder (its newest committed step) or a
+    training workdir (its newest periodic checkpoint).
+    """
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint (expected an mmseg .pth, a weights "
+                              "folder from unet_jax.convert or a training workdir)")
+    if (path / MODEL_ITEM).is_dir():
+        return path, int(path.name) if path.name.isdigit() else None
+    for directory in (path / CHECKPOINTS_DIR, path):
+        steps = committed_steps(directory)
+        if steps:
+            return directory / str(steps[-1]), steps[-1]
+    raise CheckpointError(
+        f"{path}: expected a weights folder (with {MODEL_ITEM}/), a training workdir (with "
+        f"{CHECKPOINTS_DIR}/<step>/) or a checkpoint manager folder; found none of these")
+
+
+def committed_steps(directory: Path) -> list[int]:
+    """Finalised step folders of a manager directory that hold weights, ascending."""
+    if not directory.is_dir():
+        return []
+    return sorted(s for s in ocp.path.step.checkpoint_steps(directory)
+                  if (directory / str(s) / MODEL_ITEM).is_dir())
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """The JSON `meta/` item of a weights or step folder ({} if it has none)."""
+    item = Path(folder) / META_ITEM / "metadata"
+    return json.loads(item.read_text()) if item.is_file() else {}
+
+
+def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
+    """The `model/` item of `folder` in the structure, dtypes and shardings of `like`.
+
+    Every missing, unexpected or mis-shaped entry is reported in one `CheckpointError`.
+    """
+    src = Path(folder) / MODEL_ITEM
+    try:
+        stored = flat_paths(ocp.StandardCheckpointer().metadata(src).item_metadata)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{src}: unreadable checkpoint metadata: {err}") from err
+    ours = flat_paths(like)
+    missing = sorted(set(ours) - set(stored))
+    unexpected = sorted(set(stored) - set(ours))
+    shapes = [f"{k}: expected {tuple(ours[k].shape)}, found {tuple(stored[k].shape)}"
+              for k in sorted(set(ours) & set(stored))
+              if tuple(ours[k].shape) != tuple(stored[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{src} does not fit the model built from the config ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(shapes)} mis-shaped: "
+            + "; ".join([f"missing {k}" for k in missing[:5]]
+                        + [f"unexpected {k}" for k in unexpected[:5]] + shapes[:5])
+            + "); check --config, model.base_channels, model.head and model.num_classes")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+        return ocp.StandardCheckpointer().restore(src, target)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{src}: cannot be restored: {err}") from err
+
+
+def load(model: nnx.Module, source: str | Path) -> dict[str, Any]:
+    """Fill `model` from any source this module reads; returns what was loaded.
+
+    The result holds `source` (a sentence naming it), `path`, `step` (a training step or None)
+    and the metadata stored with the weights (`classes`, `palette`, ...).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        obj = load_pth(path)
+        mmseg.load_state_dict(model, mmseg.extract_state_dict(obj, path), source=str(path))
+        return {"source": f"mmseg checkpoint {path}", "path": str(path), "step": None,
+                **mmseg.checkpoint_meta(obj)}
+    folder, step = find(path)
+    nnx.update(model, restore_state(folder, model_state(model)))
+    meta = read_meta(folder)
+    step = meta.get("step", step)
+    return {**meta, "source": f"unet_jax checkpoint {folder}", "path": str(folder),
+            "step": step}
