@@ -34,6 +34,19 @@ def data_dir() -> Path:
     return require_shared(DATA)
 
 
+@pytest.fixture
+def x64():
+    """64-bit JAX for one test (float64 models); the previous setting is restored afterwards."""
+    import jax
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
 @pytest.fixture(scope="session")
 def run_env(tmp_path_factory, request) -> dict[str, str]:
     """Environment for CLI subprocesses: prepared tiny data and a shared compilation cache."""

@@ -21,10 +21,15 @@ def tiny_config(dataset: str, arg: str):
     return config
 
 
-def tiny_model(fixtures: Path, name: str, pth_suffix: str = "", arg_suffix: str = ""):
-    """(config, eval-mode model) loaded from models/<name><pth_suffix>.pth."""
+def tiny_model(fixtures: Path, name: str, pth_suffix: str = "", arg_suffix: str = "",
+               dtype: str = "float32"):
+    """(config, eval-mode model) loaded from models/<name><pth_suffix>.pth.
+
+    `dtype` is the model's compute dtype; "float64" (float64 parameters) needs jax_enable_x64.
+    """
     dataset, head = MODELS[name]
     config = tiny_config(dataset, head + arg_suffix)
+    config.model.dtype = dtype
     model = build_model(config.model)
     load_state_dict(model, extract_state_dict(load_pth(fixtures / "models" / f"{name}{pth_suffix}.pth")))
     model.eval()

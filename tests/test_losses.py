@@ -49,6 +49,27 @@ def test_losses_match_mmseg(losses_npz, num_classes):
     assert ignored.any() and np.all(np.asarray(per_pixel)[ignored] == 0.0)
 
 
+@pytest.mark.parametrize("num_classes", [2, 19])
+def test_losses_float64_match_mmseg_float64(losses_npz, num_classes, x64):
+    """float64 logits are reduced in float64 (the float64 reference model's losses)."""
+    d = losses_npz
+    logits = _nhwc(d[f"C{num_classes}_logits"].astype(np.float64))
+    labels = jnp.asarray(d[f"C{num_classes}_labels"])
+    got = {
+        "ce": L.cross_entropy(logits, labels),
+        "ce_avg_non_ignore": L.cross_entropy(logits, labels, avg_non_ignore=True),
+        "dice": L.dice_loss_v1(logits, labels),
+        "dice_legacy": L.dice_loss_legacy(logits, labels),
+    }
+    for name, value in got.items():
+        assert value.dtype == jnp.float64
+        # mmseg 1.2.2's dice casts the one-hot target with `.float()`, so its `sum(t*t) + eps`
+        # term is float32 even for float64 logits: 1.6e-8 relative; the others are float64.
+        rtol = 1e-7 if name == "dice" else 1e-12
+        np.testing.assert_allclose(float(value), float(d[f"C{num_classes}_{name}_f64"]),
+                                   rtol=rtol, err_msg=f"C{num_classes}_{name}_f64")
+
+
 def test_auxhead_loss_and_accuracy(losses_npz):
     d = losses_npz
     aux = _nhwc(d["auxhead_logits"])

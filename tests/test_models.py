@@ -25,7 +25,7 @@ def test_backbone_shapes_full_width():
     def forward():
         model = build_model(load_config("configs/drive.py:fcn").model)
         x = jnp.zeros((2, 64, 64, 3))
-        return model.extract_feat(x), model(x, rngs=nnx.Rngs(dropout=0))
+        return model.extract_feat(x), model(x, dropout_key=jax.random.key(0))
 
     feats, (dec, aux) = nnx.eval_shape(forward)
     assert [f.shape for f in feats] == [(2, 4, 4, 1024), (2, 8, 8, 512), (2, 16, 16, 256),
@@ -116,6 +116,27 @@ def test_bfloat16_option_runs_close(fixtures_dir):
     assert agree > 0.95
 
 
+def test_float64_option_needs_x64():
+    config = load_config("configs/drive.py:fcn")
+    config.model.base_channels = 8
+    config.model.dtype = "float64"
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        build_model(config.model)
+
+
+def test_float64_option_is_float64_throughout(fixtures_dir, x64):
+    config, model = tiny_model(fixtures_dir, "fcn_drive", dtype="float64")
+    leaves = jax.tree_util.tree_leaves(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    assert leaves and all(leaf.dtype == jnp.float64 for leaf in leaves)
+    x = np.load(fixtures_dir / "models" / "inputs.npz")["x64x64"].transpose(0, 2, 3, 1)
+    decode, aux = model(jnp.asarray(x))
+    assert decode.dtype == jnp.float64 and aux.dtype == jnp.float64
+    ref = np.load(fixtures_dir / "models" / "fcn_drive_outputs.npz")
+    # The fixture is torch float32: its own error (vs float64) is 1.1e-4 for fcn_drive.
+    np.testing.assert_allclose(np.asarray(decode).transpose(0, 3, 1, 2), ref["x64x64_decode"],
+                               atol=3e-4, rtol=0)
+
+
 def test_with_cp_and_norm_eval_options():
     def loss_and_grads(**opts):
         cfg = _tiny("fcn")  # a 3-stage UNet keeps the three compiles short
@@ -130,7 +151,7 @@ def test_with_cp_and_norm_eval_options():
 
         def f(p):
             m = nnx.merge(graphdef, p, rest, copy=True)
-            return jnp.mean(m(x, rngs=nnx.Rngs(dropout=0))[0] ** 2)
+            return jnp.mean(m(x, dropout_key=jax.random.key(0))[0] ** 2)
         return jax.jit(jax.value_and_grad(f))(params), model
 
     (plain, g1), _ = loss_and_grads()

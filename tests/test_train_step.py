@@ -1,66 +1,202 @@
-"""Two real mmseg training iterations (../shared/fixtures/mmseg/train_step) reproduced exactly."""
+"""Two real mmseg training iterations (../shared/fixtures/mmseg/train_step) reproduced exactly.
+
+Every bound is derived from mmseg's own float32-vs-float64 error on the same case (the fixtures
+README, "Tolerances observed"): the fixture is a float32 torch run, so that is its own error
+against the exact result.
+
+* float64 (`model.dtype=float64`): our run is exact to ~1e-13, so it must match the fixture
+  within 1.5x the fixture's own error, after both iterations; a 1% error in one conv's
+  gradient exceeds those bounds (tested).
+* float32, iteration 1: the forward (losses, accuracies, BatchNorm statistics) must match within
+  3x the fixture's own error (ours plus theirs, with margin). Parameters are not compared in
+  float32: a handful of the ~400k pre-activations lie within float32 rounding of 0, and the side
+  of its ReLU each falls on decides the gradient discontinuously; one such gate in the 4x4
+  bottleneck moves fcn_drive's iteration-1 parameters by 1.4e-4, and float32-sized rounding
+  flips it in 3 of 12 trials (experiments/f32_vs_f64_step.py). Instead the float32 gradient is
+  compared with the float64 one under the float64 run's ReLU gates: float32 arithmetic must be
+  within mmseg's own float32 error there, and a 1% gradient error must exceed it.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from mmseg_fixtures import tiny_model
+from unet_jax import step as step_module
+from unet_jax.losses import segmentation_loss
+from unet_jax.models import build_model, layers
 from unet_jax.models.mmseg import model_state_dict
+from unet_jax.optim import poly_lr
 from unet_jax.step import create_train_state, make_train_step
 
 VARIANTS = {"fcn_drive": ("fcn_drive", ""), "pspnet_drive": ("pspnet_drive", ""),
             "fcn_drive_ce1_dice3": ("fcn_drive", ",ce_dice")}
-# Tolerances derived in the fixtures' README from mmseg's own float32-vs-float64 error.
-PARAM_ATOL = {1: 4e-5, 2: 1e-3}
-# Iteration-2 losses inherit the iteration-1 parameter error (fixtures README: up to 5.6e-5
-# relative between mmseg float32 and float64); we measure up to 1.4e-4 on aux.loss_ce.
-LOSS_RTOL = {1: 1e-5, 2: 3e-4}
+# The fixtures README, per variant and iteration: mmseg float32 vs float64 after the iteration.
+# parameters and running_mean: max abs; running_var: max abs / max |value| per tensor; total
+# loss: abs.
+FIXTURE_ERR = {
+    "fcn_drive": {"params": (6.8e-6, 1.8e-4), "mean": (2.0e-7, 8.2e-6),
+                  "var": (1.9e-7, 3.0e-5), "loss": (4.5e-8, 5.3e-6)},
+    "pspnet_drive": {"params": (8.9e-7, 6.0e-5), "mean": (3.7e-7, 6.9e-7),
+                     "var": (5.9e-7, 5.4e-6), "loss": (8.6e-7, 1.9e-7)},
+    "fcn_drive_ce1_dice3": {"params": (1.4e-5, 3.6e-4), "mean": (2.0e-7, 2.1e-5),
+                            "var": (1.9e-7, 6.7e-5), "loss": (1.6e-7, 5.6e-5)},
+}
+LOSS_FLOOR = 3.4e-7  # README: float32 vs float64 of each loss module alone, absolute
+# A 1% error in this gradient moves its iteration-1 update by 1e-4 x |g| (2.4e-5 fcn_drive,
+# 3.0e-5 ce+dice, 1.2e-4 pspnet).
+PERTURBED = "backbone.encoder.0.0.convs.0.conv.kernel"
+ITERATION1_LR = 0.01
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_two_iterations_match_mmseg(fixtures_dir, variant):
+def _setup(fixtures_dir, variant, dtype):
     start, arg = VARIANTS[variant]
-    config, model = tiny_model(fixtures_dir, start, arg_suffix=arg)
+    config, model = tiny_model(fixtures_dir, start, arg_suffix=arg, dtype=dtype)
     config.model.dropout_ratio = 0.0          # the fixtures ran with dropout off
     config.loss.dice_form = "v1"              # recorded with mmseg 1.2.2's DiceLoss
-    from unet_jax.models import build_model
-    from flax import nnx
     fresh = build_model(config.model)
     nnx.update(fresh, nnx.state(model, (nnx.Param, nnx.BatchStat)))
-    train = create_train_state(fresh, config)
-    step = jax.jit(make_train_step(train, config))
     batch_np = np.load(fixtures_dir / "train_step" / "batch.npz")
     batch = {"image": jnp.asarray(batch_np["inputs"].transpose(0, 2, 3, 1)),
              "label": jnp.asarray(batch_np["labels"].astype(np.int32))}
     ref = np.load(fixtures_dir / "train_step" / f"{variant}.npz")
-    for it in (1, 2):
+    return config, fresh, batch, batch_np, ref
+
+
+def _scaled(make_optimizer, path, factor):
+    """A make_optimizer whose optimiser multiplies the gradient of `path` by `factor`."""
+    def make(train_cfg):
+        tx = make_optimizer(train_cfg)
+
+        def update(grads, state, params=None):
+            def scale(keys, g):
+                name = ".".join(str(k.key) for k in keys if hasattr(k, "key"))
+                return g * factor if name == path else g
+            return tx.update(jax.tree_util.tree_map_with_path(scale, grads), state, params)
+        return optax.GradientTransformation(tx.init, update)
+    return make
+
+
+def run_iterations(fixtures_dir, variant, dtype, iterations=2, monkeypatch=None,
+                   grad_scale=None):
+    """The fixture's iterations through our train step -> [(logs, state_dict)], and the ref."""
+    config, model, batch, batch_np, ref = _setup(fixtures_dir, variant, dtype)
+    if grad_scale is not None:
+        monkeypatch.setattr(step_module, "make_optimizer",
+                            _scaled(step_module.make_optimizer, PERTURBED, grad_scale))
+    train = create_train_state(model, config)
+    step = jax.jit(make_train_step(train, config))
+    out = []
+    for _ in range(iterations):
         train.state = step(train.state, batch)
         read = train.read_logs()
         train.reset_logs()
-        logs = {**read["means"], "lr": read["lr"]}
-        assert float(logs["lr"]) == pytest.approx(ref["lr"][it - 1], rel=1e-7)
-        for key in ("loss", "decode.loss_ce", "aux.loss_ce", "decode.loss_dice"):
-            name = "log/loss" if key == "loss" else f"log/{key}"
-            if name in ref:
-                assert float(logs[key]) == pytest.approx(float(ref[name][it - 1]),
-                                                         rel=LOSS_RTOL[it]), (variant, it, key)
-        # Pixel accuracy is discrete: float32 noise may flip near-tied pixels (1 px = 0.0122 %).
-        pixel = 100.0 / np.count_nonzero(batch_np["labels"] != 255)
-        for key in ("decode.acc_seg", "aux.acc_seg"):
-            assert abs(float(logs[key]) - float(ref[f"log/{key}"][it - 1])) <= 5 * pixel * it
-        sd = model_state_dict(train.model())
-        param_err = max(float(np.abs(sd[k] - ref[f"after{it}/{k}"]).max()) for k in sd
-                        if "running" not in k and not k.endswith("num_batches_tracked"))
-        assert param_err <= PARAM_ATOL[it], f"{variant} iteration {it}: params {param_err:.2e}"
-        for k in sd:
-            if k.endswith("running_mean"):
-                np.testing.assert_allclose(sd[k], ref[f"after{it}/{k}"], atol=1e-4 * it)
-            elif k.endswith("running_var"):
-                np.testing.assert_allclose(sd[k], ref[f"after{it}/{k}"], rtol=1e-3 * it,
-                                           atol=1e-6)
-    assert float(poly_next(config)) == pytest.approx(float(ref["lr_next"]), rel=1e-7)
+        out.append(({**read["means"], "lr": read["lr"]}, model_state_dict(train.model())))
+    assert float(poly_lr(2, config.train)) == pytest.approx(float(ref["lr_next"]), rel=1e-7)
+    return out, ref, batch_np
 
 
-def poly_next(config):
-    from unet_jax.optim import poly_lr
-    return poly_lr(2, config.train)
+def param_error(sd, ref, it):
+    return max(float(np.abs(sd[k] - ref[f"after{it}/{k}"]).max()) for k in sd
+               if "running" not in k and not k.endswith("num_batches_tracked"))
+
+
+def check_forward(logs, sd, ref, batch_np, it, err, factor):
+    """lr, losses, accuracies and BN running statistics after iteration `it` within `factor`
+    times the fixture's own error `err`."""
+    assert float(logs["lr"]) == pytest.approx(ref["lr"][it - 1], rel=1e-7)
+    loss_atol = factor * max(err["loss"][it - 1], LOSS_FLOOR)
+    for key in ("loss", "decode.loss_ce", "aux.loss_ce", "decode.loss_dice"):
+        name = "log/loss" if key == "loss" else f"log/{key}"
+        if name in ref:
+            got, want = float(logs[key]), float(ref[name][it - 1])
+            assert abs(got - want) <= loss_atol, (it, key, got - want, loss_atol)
+    # Pixel accuracy is discrete: near-tied pixels may flip (1 px = 0.0122 %).
+    pixel = 100.0 / np.count_nonzero(batch_np["labels"] != 255)
+    for key in ("decode.acc_seg", "aux.acc_seg"):
+        assert abs(float(logs[key]) - float(ref[f"log/{key}"][it - 1])) <= 5 * pixel * it
+    for k in sd:
+        if k.endswith("running_mean"):
+            np.testing.assert_allclose(sd[k], ref[f"after{it}/{k}"], rtol=0,
+                                       atol=factor * err["mean"][it - 1], err_msg=k)
+        elif k.endswith("running_var"):
+            want = ref[f"after{it}/{k}"]
+            scale = float(np.abs(want).max())
+            assert float(np.abs(sd[k] - want).max()) <= factor * err["var"][it - 1] * scale, k
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float64_two_iterations_match_mmseg(fixtures_dir, variant, x64):
+    err = FIXTURE_ERR[variant]
+    out, ref, batch_np = run_iterations(fixtures_dir, variant, "float64")
+    for it, (logs, sd) in enumerate(out, start=1):
+        check_forward(logs, sd, ref, batch_np, it, err, factor=1.5)
+        bound = 1.5 * err["params"][it - 1]
+        assert param_error(sd, ref, it) <= bound, (variant, it, param_error(sd, ref, it))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float64_bound_sees_a_one_percent_gradient_error(fixtures_dir, variant, x64,
+                                                         monkeypatch):
+    out, ref, _ = run_iterations(fixtures_dir, variant, "float64", iterations=1,
+                                 monkeypatch=monkeypatch, grad_scale=1.01)
+    bound = 1.5 * FIXTURE_ERR[variant]["params"][0]
+    assert param_error(out[0][1], ref, 1) > bound
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float32_iteration1_forward_matches_mmseg(fixtures_dir, variant):
+    out, ref, batch_np = run_iterations(fixtures_dir, variant, "float32", iterations=1)
+    logs, sd = out[0]
+    check_forward(logs, sd, ref, batch_np, 1, FIXTURE_ERR[variant], factor=3.0)
+
+
+def iteration1_gradients(fixtures_dir, variant, dtype, monkeypatch, gates=None):
+    """Iteration-1 parameter gradients {path: array} and the ReLU gates {ConvModule: y > 0}.
+
+    `gates` (such a dict from another run) replaces every ConvModule ReLU's own decisions.
+    """
+    config, model, batch, _, _ = _setup(fixtures_dir, variant, dtype)
+    model.train()
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, layers.ConvModule):
+            module.gate_name = ".".join(map(str, path))
+    pre_relu = {}
+
+    def conv_module(self, x):  # ConvModule.__call__, recording y and optionally gated
+        y = self.bn(self.conv(x))
+        pre_relu[self.gate_name] = y
+        return jax.nn.relu(y) if gates is None else jnp.where(gates[self.gate_name], y, 0.0)
+
+    monkeypatch.setattr(layers.ConvModule, "__call__", conv_module)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+        pre_relu.clear()
+        decode, aux = nnx.merge(graphdef, params, rest, copy=True)(batch["image"])
+        total, _ = segmentation_loss(decode, aux, batch["label"], config.loss)
+        return total, dict(pre_relu)
+
+    grads, ys = jax.jit(jax.grad(loss_fn, has_aux=True))(params)
+    monkeypatch.undo()
+    flat = {".".join(map(str, k)): np.asarray(v.get_value(), np.float64)
+            for k, v in nnx.to_flat_state(grads)}
+    return flat, {k: np.asarray(v) > 0 for k, v in ys.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float32_gradient_precision_given_the_relu_gates(fixtures_dir, variant, x64,
+                                                         monkeypatch):
+    """float32 vs float64 gradients under the same ReLU gates: within mmseg's own float32
+    error (as a gradient: / lr), and a 1% error in one gradient exceeds it."""
+    g64, gates = iteration1_gradients(fixtures_dir, variant, "float64", monkeypatch)
+    with jax.enable_x64(False):
+        g32, _ = iteration1_gradients(fixtures_dir, variant, "float32", monkeypatch, gates)
+    bound = FIXTURE_ERR[variant]["params"][0] / ITERATION1_LR
+    error = max(float(np.abs(g32[k] - g64[k]).max()) for k in g64)
+    assert error <= bound, f"{variant}: float32 gradient error {error:.2e} > {bound:.1e}"
+    perturbed = max(float(np.abs(g32[k] * (1.01 if k == PERTURBED else 1.0) - g64[k]).max())
+                    for k in g64)
+    assert perturbed > bound, f"{variant}: 1% gradient error {perturbed:.2e} <= {bound:.1e}"

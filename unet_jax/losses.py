@@ -1,8 +1,9 @@
 """Segmentation losses with mmsegmentation's exact reductions (spec §4).
 
 Layout: logits are NHWC float arrays (N, H, W, C); labels are integer arrays (N, H, W) with
-`ignore_index` (255) marking pixels without a label. Everything is computed in float32, whatever
-the logits dtype, and every function here is jit-able and differentiable in the logits.
+`ignore_index` (255) marking pixels without a label. Everything is computed in float32 whatever
+the logits dtype (bfloat16 logits included), or in float64 for float64 logits (the float64
+reference model); every function here is jit-able and differentiable in the logits.
 """
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ import numpy as np
 
 # torch.finfo(torch.float32).eps: mmseg adds it to every averaging denominator.
 F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _float(x: jax.Array) -> jax.Array:
+    """`x` in its accumulation dtype: float32, or float64 when `x` is float64."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -32,7 +38,7 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     src = np.maximum(src, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = (src - i0).astype(np.float32)
+    lam = src - i0  # float64; rounded to the logits' dtype where it is used
     return i0, i1, lam
 
 
@@ -65,7 +71,7 @@ def cross_entropy_per_pixel(logits: jax.Array, labels: jax.Array, *,
     _check_logits_labels(logits, labels)
     num_classes = logits.shape[-1]
     labels = labels.astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(_float(logits), axis=-1)
     valid = labels != ignore_index
     safe = jnp.clip(jnp.where(valid, labels, 0), 0, num_classes - 1)
     nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
@@ -81,9 +87,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 2
     """
     per_pixel = cross_entropy_per_pixel(logits, labels, ignore_index=ignore_index)
     if avg_non_ignore:
-        count = jnp.sum(labels != ignore_index).astype(jnp.float32)
+        count = jnp.sum(labels != ignore_index).astype(per_pixel.dtype)
     else:
-        count = jnp.float32(per_pixel.size)
+        count = jnp.asarray(per_pixel.size, per_pixel.dtype)
     return jnp.sum(per_pixel) / (count + F32_EPS)
 
 
@@ -105,9 +111,9 @@ def dice_loss_v1(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 25
     """
     _check_logits_labels(logits, labels)
     num_classes = logits.shape[-1]
-    pred = jax.nn.sigmoid(logits.astype(jnp.float32))
+    pred = jax.nn.sigmoid(_float(logits))
     clamped = jnp.clip(labels.astype(jnp.int32), 0, num_classes)
-    target = jax.nn.one_hot(clamped, num_classes + 1, dtype=jnp.float32)[..., :num_classes]
+    target = jax.nn.one_hot(clamped, num_classes + 1, dtype=pred.dtype)[..., :num_classes]
     pred = _drop_channel(pred, ignore_index)
     target = _drop_channel(target, ignore_index)
     n = pred.shape[0]
@@ -129,9 +135,9 @@ def dice_loss_legacy(logits: jax.Array, labels: jax.Array, *, ignore_index: int 
     _check_logits_labels(logits, labels)
     num_classes = logits.shape[-1]
     labels = labels.astype(jnp.int32)
-    pred = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    target = jax.nn.one_hot(jnp.clip(labels, 0, num_classes - 1), num_classes, dtype=jnp.float32)
-    valid = (labels != ignore_index).astype(jnp.float32)[..., None]
+    pred = jax.nn.softmax(_float(logits), axis=-1)
+    target = jax.nn.one_hot(jnp.clip(labels, 0, num_classes - 1), num_classes, dtype=pred.dtype)
+    valid = (labels != ignore_index).astype(pred.dtype)[..., None]
     num = 2.0 * jnp.sum(pred * target * valid, axis=(1, 2)) + smooth            # (N, C)
     den = jnp.sum(pred ** exponent + target ** exponent, axis=(1, 2)) + smooth  # (N, C)
     per_class = jnp.mean(1.0 - num / den, axis=0)                               # (C,)
@@ -170,7 +176,7 @@ def segmentation_loss(decode_logits: jax.Array, aux_logits: jax.Array | None, la
     hw = (labels.shape[1], labels.shape[2])
 
     terms: dict[str, jax.Array] = {}
-    dec = resize_logits_to(decode_logits.astype(jnp.float32), hw)
+    dec = resize_logits_to(_float(decode_logits), hw)
     terms["decode.loss_ce"] = ce_weight * cross_entropy(
         dec, labels, ignore_index=ignore_index, avg_non_ignore=avg_non_ignore)
     if name == "ce_dice":
@@ -178,7 +184,7 @@ def segmentation_loss(decode_logits: jax.Array, aux_logits: jax.Array | None, la
         terms["decode.loss_dice"] = dice_weight * dice_fn(dec, labels, ignore_index=ignore_index)
     terms["decode.acc_seg"] = pixel_accuracy(dec, labels, ignore_index=ignore_index)
     if aux_logits is not None:
-        aux = resize_logits_to(aux_logits.astype(jnp.float32), hw)
+        aux = resize_logits_to(_float(aux_logits), hw)
         terms["aux.loss_ce"] = aux_weight * cross_entropy(
             aux, labels, ignore_index=ignore_index, avg_non_ignore=avg_non_ignore)
         terms["aux.acc_seg"] = pixel_accuracy(aux, labels, ignore_index=ignore_index)

@@ -132,7 +132,7 @@ def train_step(graphdef: nnx.GraphDef, loss_cfg: Any, schedule: optax.Schedule, 
     dropout_key = jax.random.fold_in(jax.random.key(seed), step)
 
     def loss_fn(model: nnx.Module):
-        decode, aux = model(batch["image"], rngs=nnx.Rngs(dropout=dropout_key))
+        decode, aux = model(batch["image"], dropout_key=dropout_key)
         return segmentation_loss(decode, aux, batch["label"], loss_cfg)
 
     (total, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

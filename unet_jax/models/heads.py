@@ -32,14 +32,15 @@ class FCNHead(DecodeHead):
                          if concat_input else None)
         self.init_cls_seg(channels, num_classes, dropout_ratio, dtype=dtype, rngs=rngs)
 
-    def __call__(self, feats: Sequence[jax.Array], rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, feats: Sequence[jax.Array], dropout_key: jax.Array | None = None
+                 ) -> jax.Array:
         x = feats[self.in_index]
         out = x
         for conv in self.convs:
             out = conv(out)
         if self.conv_cat is not None:
             out = self.conv_cat(jnp.concatenate([x, out], axis=-1))
-        return self.cls_seg(out, rngs)
+        return self.cls_seg(out, dropout_key)
 
 
 class PSPHead(DecodeHead):
@@ -57,12 +58,13 @@ class PSPHead(DecodeHead):
                                      padding=1, dtype=dtype, rngs=rngs)
         self.init_cls_seg(channels, num_classes, dropout_ratio, dtype=dtype, rngs=rngs)
 
-    def __call__(self, feats: Sequence[jax.Array], rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, feats: Sequence[jax.Array], dropout_key: jax.Array | None = None
+                 ) -> jax.Array:
         x = feats[self.in_index]
         outs = [x]
         for pool, conv in self.psp_modules:
             outs.append(resize_bilinear(conv(pool(x)), x.shape[1:3]))
-        return self.cls_seg(self.bottleneck(jnp.concatenate(outs, axis=-1)), rngs)
+        return self.cls_seg(self.bottleneck(jnp.concatenate(outs, axis=-1)), dropout_key)
 
 
 class ASPPHead(DecodeHead):
@@ -82,11 +84,12 @@ class ASPPHead(DecodeHead):
                                      dtype=dtype, rngs=rngs)
         self.init_cls_seg(channels, num_classes, dropout_ratio, dtype=dtype, rngs=rngs)
 
-    def __call__(self, feats: Sequence[jax.Array], rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, feats: Sequence[jax.Array], dropout_key: jax.Array | None = None
+                 ) -> jax.Array:
         x = feats[self.in_index]
         pooled = x
         for layer in self.image_pool:
             pooled = layer(pooled)
         outs = [resize_bilinear(pooled, x.shape[1:3])]
         outs += [m(x) for m in self.aspp_modules]
-        return self.cls_seg(self.bottleneck(jnp.concatenate(outs, axis=-1)), rngs)
+        return self.cls_seg(self.bottleneck(jnp.concatenate(outs, axis=-1)), dropout_key)

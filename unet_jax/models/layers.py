@@ -4,6 +4,10 @@ ConvModule is conv (no bias) -> BatchNorm -> ReLU, initialised as mmcv does (Kai
 fan_out). BatchNorm follows torch: the running variance is updated with the unbiased batch
 variance while normalisation uses the biased one; momentum 0.1 in torch terms.
 Everything is NHWC. Attribute names mirror mmseg's state_dict so the converter is mechanical.
+
+Dtypes: `dtype` is the compute dtype (float32, bfloat16 or float64). Parameters and BatchNorm
+statistics are float32, except in a float64 model where everything is float64
+(`param_dtype_for`, `float_dtype_for`).
 """
 from __future__ import annotations
 
@@ -14,6 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+
+def float_dtype_for(dtype) -> jnp.dtype:
+    """The accumulation dtype of a compute dtype: float32, or float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def param_dtype_for(dtype) -> jnp.dtype:
+    """The parameter dtype of a compute dtype: float32 master weights, float64 for float64."""
+    return float_dtype_for(dtype)
 
 
 def host_normal(std_of_shape):
@@ -47,13 +60,15 @@ class BatchNorm(nnx.Module):
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
-                 use_running_average: bool = False, frozen: bool = False):
+                 use_running_average: bool = False, frozen: bool = False,
+                 param_dtype=jnp.float32):
         self.num_features = num_features
         self.frozen = frozen  # mmseg norm_eval: running statistics even in training
         self.eps = eps
         self.momentum = momentum
         self.use_running_average = use_running_average
-        ones, zeros = np.ones((num_features,), np.float32), np.zeros((num_features,), np.float32)
+        pdt = np.dtype(param_dtype)
+        ones, zeros = np.ones((num_features,), pdt), np.zeros((num_features,), pdt)
         self.scale = nnx.Param(jnp.asarray(ones))
         self.bias = nnx.Param(jnp.asarray(zeros))
         self.mean = nnx.BatchStat(jnp.asarray(zeros))
@@ -66,7 +81,7 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(float_dtype_for(dtype), self.scale[...].dtype))
         if self.use_running_average or self.frozen:
             mean, var = self.mean[...], self.var[...]
         else:
@@ -92,8 +107,8 @@ class ConvModule(nnx.Module):
             in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
             padding=((padding, padding), (padding, padding)),
             kernel_dilation=dilation, use_bias=False, kernel_init=KAIMING_FAN_OUT,
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.bn = BatchNorm(out_channels)
+            dtype=dtype, param_dtype=param_dtype_for(dtype), rngs=rngs)
+        self.bn = BatchNorm(out_channels, param_dtype=param_dtype_for(dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.bn(self.conv(x)))
@@ -123,14 +138,14 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
                             antialias=False).astype(x.dtype)
 
 
-def adaptive_pool_matrix(length: int, bins: int) -> jax.Array:
+def adaptive_pool_matrix(length: int, bins: int, dtype=jnp.float32) -> jax.Array:
     """(bins, length) averaging matrix of torch's AdaptiveAvgPool with its overlapping bins."""
     rows = []
     for i in range(bins):
         start = (i * length) // bins
         end = -((-(i + 1) * length) // bins)
         rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(length)])
-    return jnp.asarray(rows, jnp.float32)
+    return jnp.asarray(rows, dtype)
 
 
 class AdaptiveAvgPool(nnx.Module):
@@ -140,9 +155,10 @@ class AdaptiveAvgPool(nnx.Module):
         self.bins = bins
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        ph = adaptive_pool_matrix(x.shape[1], self.bins)
-        pw = adaptive_pool_matrix(x.shape[2], self.bins)
-        y = jnp.einsum("ih,nhwc,jw->nijc", ph, x.astype(jnp.float32), pw,
+        acc = float_dtype_for(x.dtype)
+        ph = adaptive_pool_matrix(x.shape[1], self.bins, acc)
+        pw = adaptive_pool_matrix(x.shape[2], self.bins, acc)
+        y = jnp.einsum("ih,nhwc,jw->nijc", ph, x.astype(acc), pw,
                        precision=jax.lax.Precision.HIGHEST)
         return y.astype(x.dtype)
 
@@ -150,8 +166,9 @@ class AdaptiveAvgPool(nnx.Module):
 class DecodeHead(nnx.Module):
     """mmseg BaseDecodeHead's `cls_seg`: channel-wise Dropout2d, then the 1x1 `conv_seg`.
 
-    `conv_seg` has a bias and is initialised N(0, 0.01); logits come out in float32. Dropout
-    draws its mask from the `rngs` of the call (training), so the model holds no random state.
+    `conv_seg` has a bias and is initialised N(0, 0.01); logits come out in float32 (float64
+    in a float64 model). Dropout draws its mask from the key of the call (training), so the
+    model holds no random state.
     """
 
     def init_cls_seg(self, channels: int, num_classes: int, dropout_ratio: float, *,
@@ -161,10 +178,11 @@ class DecodeHead(nnx.Module):
         self.conv_seg = nnx.Conv(
             channels, num_classes, (1, 1), use_bias=True,
             kernel_init=SEG_NORMAL, bias_init=lambda key, shape, dtype: jnp.asarray(
-                np.zeros(shape, np.float32)),
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                np.zeros(shape, dtype)),
+            dtype=dtype, param_dtype=param_dtype_for(dtype), rngs=rngs)
 
-    def cls_seg(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def cls_seg(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         if self.dropout is not None:
-            x = self.dropout(x, rngs=rngs)
-        return self.conv_seg(x).astype(jnp.float32)
+            x = self.dropout(x, rngs=dropout_key)
+        y = self.conv_seg(x)
+        return y.astype(float_dtype_for(y.dtype))

@@ -103,7 +103,9 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, Any], source: str = "<st
         lines.append(f"Hint: {describe_checkpoint(theirs)}.")
         raise StateDictMismatchError("\n".join(lines))
     for key, (_, var) in ours.items():
-        var[...] = jnp.asarray(from_torch_layout(key, np.asarray(theirs[key], np.float32)))
+        # float32 values, stored in the variable's own dtype (float64 in a float64 model).
+        var[...] = jnp.asarray(from_torch_layout(key, np.asarray(theirs[key], np.float32)),
+                               var[...].dtype)
 
 
 def extract_state_dict(obj: Any, path: str | Path = "<checkpoint>") -> dict[str, np.ndarray]:

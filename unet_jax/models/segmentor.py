@@ -11,10 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unet_jax.errors import ConfigError
 from unet_jax.models.heads import ASPPHead, FCNHead, PSPHead
 from unet_jax.models.unet import UNet
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Compute dtypes. float64 (parameters and statistics in float64 too) needs jax_enable_x64; it is
+# a reference for precision checks, not a training setting.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 class EncoderDecoder(nnx.Module):
@@ -30,16 +33,21 @@ class EncoderDecoder(nnx.Module):
         """Backbone maps from deepest (1/16) to shallowest (full resolution)."""
         return self.backbone(x)
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array | None]:
         """Decode logits (N, H, W, C) and auxiliary logits (N, H/2, W/2, C) or None.
 
-        In train mode the heads' Dropout2d masks are drawn from `rngs` (stream `dropout`),
-        the auxiliary head's first.
+        In train mode the heads' Dropout2d masks are drawn from `dropout_key`: the auxiliary
+        head's from fold_in(fold_in(key, 0), 0), the decode head's from fold_in(fold_in(key, 1),
+        0) (one stream per head, in the order of the heads' names).
         """
         feats = self.extract_feat(x)
-        aux = self.auxiliary_head(feats, rngs) if self.auxiliary_head is not None else None
-        return self.decode_head(feats, rngs), aux
+        keys = [None, None]
+        if dropout_key is not None:
+            keys = [jax.random.fold_in(jax.random.fold_in(dropout_key, i), 0) for i in (0, 1)]
+        aux = (self.auxiliary_head(feats, keys[0]) if self.auxiliary_head is not None
+               else None)
+        return self.decode_head(feats, keys[1]), aux
 
     def predict(self, x: jax.Array) -> jax.Array:
         """Decode-head logits only, as mmseg's inference (the auxiliary head is skipped)."""
@@ -56,6 +64,11 @@ def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) 
     rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
     m = model_cfg
     dtype = DTYPES[m.dtype]
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ConfigError(
+            "model.dtype 'float64' needs 64-bit JAX: call jax.config.update('jax_enable_x64', "
+            "True) (or set JAX_ENABLE_X64=1) before building the model; with jax_enable_x64 off "
+            "JAX silently computes float64 arrays in float32")
     base = m.base_channels
     backbone = UNet(
         in_channels=m.in_channels, base_channels=base, num_stages=m.num_stages,
