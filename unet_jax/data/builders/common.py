@@ -33,6 +33,10 @@ from unet_jax.errors import DataError
 
 TRAIN, VALIDATION = "train", "validation"
 _JUNK = re.compile(r"(^|/)(\.|__MACOSX/|Thumbs\.db$|desktop\.ini$)")
+MAX_MEMBER_BYTES = 1 << 30
+"""Largest file read from an archive or out of a `.gz` (the biggest, HRF's images, are ~10 MB):
+archives come from the internet, and a small zip or gzip can inflate to terabytes."""
+_CHUNK = 1 << 20
 
 
 def data_error(where: str | os.PathLike, problem: str, expected: str, found: str) -> DataError:
@@ -72,19 +76,46 @@ class Source(abc.ABC):
         return f"{self.path}:{member}" if self.path.is_file() else str(self.path / member)
 
     def read(self, member: str) -> bytes:
-        """Bytes of a member; `.gz` members are decompressed."""
+        """Bytes of a member; `.gz` members are decompressed. Archive members and gzip contents
+        over `MAX_MEMBER_BYTES` are refused (archive members on their declared size, before
+        decompression) with a `DataError` naming the archive and member."""
         try:
             data = self._read(member)
-        except (OSError, KeyError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
+        except (OSError, EOFError, KeyError, RuntimeError, NotImplementedError,
+                zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
             raise data_error(self.where(member), "cannot be read", "a readable file",
                              f"{type(e).__name__}: {e}") from e
         if member.endswith(".gz"):
             try:
-                data = gzip.decompress(data)
+                with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+                    data = _read_capped(f, self.where(member))
             except (OSError, EOFError, zlib.error) as e:
                 raise data_error(self.where(member), "is not a valid gzip file",
                                  "a complete gzip stream", f"{type(e).__name__}: {e}") from e
         return data
+
+
+def _too_large(where: str, found: str) -> DataError:
+    return data_error(where, "is too large to be a dataset file (a zip or gzip bomb?)",
+                      f"at most MAX_MEMBER_BYTES = {MAX_MEMBER_BYTES} bytes", found)
+
+
+def _read_capped(stream: io.BufferedIOBase, where: str, declared: int | None = None) -> bytes:
+    """All of `stream`: its `declared` size (checked against the cap first) or, when the size is
+    not known (gzip), at most `MAX_MEMBER_BYTES`. Decompression stops as soon as it exceeds."""
+    if declared is not None and declared > MAX_MEMBER_BYTES:
+        raise _too_large(where, f"{declared} bytes (declared in the archive)")
+    limit = MAX_MEMBER_BYTES if declared is None else declared
+    chunks, total = [], 0
+    while chunk := stream.read(_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            if declared is None:
+                raise _too_large(where, f"more than {limit} bytes once decompressed")
+            raise data_error(where, "holds more data than the archive declares",
+                             f"{declared} bytes", f"more than {declared} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class FolderSource(Source):
@@ -121,7 +152,15 @@ class ZipSource(Source):
     def _read(self, member: str) -> bytes:
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.path)
-        return self._zip.read(member)
+        info = self._zip.getinfo(member)
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # bzip2/lzma members inflate a whole compressed chunk at once: no bound on memory
+            raise data_error(self.where(member), "uses an unsupported compression method",
+                             "stored or deflated members (as in the official archives), or "
+                             "the archive extracted into manual_dir",
+                             f"compression method {info.compress_type}")
+        with self._zip.open(info) as f:
+            return _read_capped(f, self.where(member), info.file_size)
 
     def close(self) -> None:
         if self._zip is not None:
@@ -135,13 +174,19 @@ class TarSource(Source):
     def __init__(self, path: Path):
         super().__init__(path)
         self._tar: tarfile.TarFile | None = None
+        self._names: list[str] = []
         try:
             with tarfile.open(path) as t:
-                self._names = [m.name for m in t.getmembers() if m.isfile()]
+                for m in t:  # a bomb is refused here, before skipping past it inflates it
+                    if not m.isfile():
+                        continue
+                    if m.size > MAX_MEMBER_BYTES:
+                        raise _too_large(f"{path}:{m.name}",
+                                         f"{m.size} bytes (declared in the archive)")
+                    self._names.append(m.name[2:] if m.name.startswith("./") else m.name)
         except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
             raise data_error(path, "is not a readable tar archive", "a complete tar file",
                              f"{type(e).__name__}: {e}") from e
-        self._names = [n[2:] if n.startswith("./") else n for n in self._names]
 
     def files(self, subdir: str) -> list[str]:
         prefix = f"{subdir}/" if subdir else ""
@@ -152,12 +197,13 @@ class TarSource(Source):
         if self._tar is None:
             self._tar = tarfile.open(self.path)
         try:
-            f = self._tar.extractfile(member)
+            info = self._tar.getmember(member)
         except KeyError:
-            f = self._tar.extractfile(f"./{member}")
+            info = self._tar.getmember(f"./{member}")
+        f = self._tar.extractfile(info) if info.isfile() else None
         if f is None:
             raise KeyError(member)
-        return f.read()
+        return _read_capped(f, self.where(member), info.size)
 
     def close(self) -> None:
         if self._tar is not None:
