@@ -1,6 +1,7 @@
 """Retinal TFDS builders: real data vs. mmseg's converters, both input layouts, bad input."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -196,6 +197,40 @@ def test_corrupt_gzip_member(tmp_path):
             t.addfile(m, io.BytesIO(data))
     msg = prepare_error(manual, tmp_path, "stare")
     assert "stare-images.tar:im0002.ppm.gz" in msg and "gzip" in msg
+
+
+def test_zip_bomb_in_an_archive_is_refused_before_inflating(tmp_path, monkeypatch):
+    files, rules, _ = F.chase(np.random.default_rng(4))
+    manual = F.write_archives(tmp_path / "m", files, rules)
+    zip_path = manual / "CHASEDB1.zip"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:  # 4 MiB in ~4 KB
+        for rel, data in files.items():
+            z.writestr(rel, bytes(4 << 20) if rel == "Image_05L.jpg" else data)
+    monkeypatch.setattr(common, "MAX_MEMBER_BYTES", 1 << 20)
+    msg = prepare_error(manual, tmp_path)
+    assert f"{zip_path}:Image_05L.jpg" in msg and "too large" in msg
+    assert "4194304 bytes (declared in the archive)" in msg
+
+
+def test_tar_and_gzip_members_are_read_within_the_size_cap(tmp_path, monkeypatch):
+    path = tmp_path / "stare-images.tar.gz"
+    members = {"im0001.ppm.gz": gzip.compress(bytes(4 << 20)), "im0002.ppm": bytes(4 << 20),
+               "im0003.ppm": b"small"}
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    source = common.TarSource(path)
+    monkeypatch.setattr(common, "MAX_MEMBER_BYTES", 1 << 20)
+    assert source.read("im0003.ppm") == b"small"
+    for member, found in (("im0002.ppm", "4194304 bytes (declared in the archive)"),
+                          ("im0001.ppm.gz", "more than 1048576 bytes once decompressed")):
+        with pytest.raises(common.DataError) as err:
+            source.read(member)
+        assert f"{path}:{member}" in str(err.value) and found in str(err.value)
+    with pytest.raises(common.DataError, match="stare-images.tar.gz:im0002.ppm: is too large"):
+        common.TarSource(path)  # listing stops at the bomb instead of inflating past it
 
 
 @pytest.mark.parametrize("victim", ["Image_05L.jpg", "Image_12R_1stHO.png"])
