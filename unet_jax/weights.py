@@ -25,7 +25,7 @@ from flax import nnx
 
 from unet_jax.errors import CheckpointError, InputError
 from unet_jax.models import mmseg
-from unet_jax.models.pth import load_pth
+from unet_jax.models.pth import load_pth, max_bytes_for
 
 MODEL_ITEM, META_ITEM = "model", "meta"
 CHECKPOINTS_DIR, BEST_DIR = "checkpoints", "best"
@@ -171,7 +171,8 @@ def load(model: nnx.Module, source: str | Path) -> dict[str, Any]:
     """
     path = Path(source).expanduser()
     if path.is_file():
-        obj = load_pth(path)
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model_state(model)))
+        obj = load_pth(path, max_bytes=max_bytes_for(weight_bytes))
         mmseg.load_state_dict(model, mmseg.extract_state_dict(obj, path), source=str(path))
         return {"source": f"mmseg checkpoint {path}", "path": str(path), "step": None,
                 **mmseg.checkpoint_meta(obj)}

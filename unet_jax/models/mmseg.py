@@ -117,6 +117,9 @@ def extract_state_dict(obj: Any, path: str | Path = "<checkpoint>") -> dict[str,
             f"found {type(obj).__name__}")
     out = {}
     for key, value in sd.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: state_dict keys must be strings, found "
+                                  f"{type(key).__name__} {key!r:.60}")
         key = key[len("module."):] if key.startswith("module.") else key
         if isinstance(value, np.ndarray):
             out[key] = value
