@@ -71,6 +71,24 @@ def test_initialisation_matches_mmseg():
     assert np.all(np.asarray(model.decode_head.conv_seg.bias[...]) == 0)
 
 
+def test_one_random_path_eager_jit_and_eval_shape():
+    """The same seed gives bit-identical weights eagerly and under jax.jit; eval_shape agrees on
+    the structure (so `jax.jit(init, out_shardings=...)` starts a sharded run with them)."""
+    cfg = _tiny("pspnet")
+    eager = nnx.state(build_model(cfg, seed=3))
+    jitted = jax.jit(lambda: nnx.state(build_model(cfg, seed=3)))()
+    abstract = nnx.state(nnx.eval_shape(lambda: build_model(cfg, seed=3)))
+    flat = lambda s: dict(nnx.to_flat_state(s))
+    e, j, a = flat(eager), flat(jitted), flat(abstract)
+    assert e.keys() == j.keys() == a.keys() and len(e) > 100
+    for k in e:
+        np.testing.assert_array_equal(np.asarray(e[k][...]), np.asarray(j[k][...]), err_msg=str(k))
+        assert (a[k].shape, a[k].dtype) == (e[k][...].shape, e[k][...].dtype)
+    other = nnx.state(build_model(cfg, seed=4))
+    kernel = ("backbone", "encoder", 0, 0, "convs", 0, "conv", "kernel")
+    assert not np.array_equal(np.asarray(flat(other)[kernel][...]), np.asarray(e[kernel][...]))
+
+
 @pytest.mark.parametrize("length,bins,expected", [
     (64, 3, [(0, 22), (21, 43), (42, 64)]),
     (64, 6, [(0, 11), (10, 22), (21, 32), (32, 43), (42, 54), (53, 64)]),

@@ -87,6 +87,39 @@ def test_two_processes_match_one_process(tmp_path, run_env, four_device_run):
     assert (workdir / "checkpoints" / "3" / "model").is_dir()
 
 
+SHARDED_INIT = """
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from unet_jax.config import load_config
+from unet_jax.models import build_model
+cfg = load_config("configs/drive.py:deeplabv3").model
+cfg.base_channels = 8
+mesh = jax.make_mesh((4,), ("data",))
+init = lambda: nnx.state(build_model(cfg, seed=7))
+abstract = jax.eval_shape(init)
+# Conv kernels split over their output channels where they divide, the rest replicated.
+spec = lambda x: P(None, None, None, "data") if x.ndim == 4 and x.shape[-1] % 4 == 0 else P()
+shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), abstract)
+sharded = jax.jit(init, out_shardings=shardings)()
+eager = init()
+pairs = list(zip(jax.tree.leaves(eager), jax.tree.leaves(sharded)))
+split = sum(len(b.sharding.device_set) == 4 and not b.sharding.is_fully_replicated
+            for _, b in pairs)
+same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+print(f"leaves {len(pairs)} split {split} same {same}")
+"""
+
+
+def test_sharded_initialisation_equals_eager(run_env):
+    done = subprocess.run([sys.executable, "-c", SHARDED_INIT], cwd=REPO,
+                          env=_devices_env(run_env, 4), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    leaves, split, same = done.stdout.split()[1::2]
+    assert int(split) > 20 and same == "True", done.stdout
+
+
 def test_mesh_and_global_batch_in_process():
     from unet_jax import parallel
     mesh = parallel.make_mesh()

@@ -30,19 +30,26 @@ def param_dtype_for(dtype) -> jnp.dtype:
 
 
 def host_normal(std_of_shape):
-    """Normal initialiser drawn with numpy on the host from a seed taken off the JAX key.
+    """Normal initialiser: numpy draws on the host, seeded by the JAX key, on every path.
 
-    JAX's eager random ops compile once per kernel shape (tens of seconds for a UNet on CPU);
-    numpy draws are instant. Under tracing (eval_shape/jit) it falls back to jax.random.
+    The draws run in a `jax.pure_callback`, so building a model eagerly, under `jax.jit` (e.g.
+    `jax.jit(init, out_shardings=...)` for a sharded start) or under `nnx.eval_shape` (no draw at
+    all) gives bit-identical weights for a seed: there is one random path. numpy is also fast
+    where JAX's eager random ops would compile once per kernel shape.
     """
 
     def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
-        std = std_of_shape(tuple(shape))
-        if isinstance(key, jax.core.Tracer):
-            return jax.random.normal(key, shape, dtype) * std
-        seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
-        sample = np.random.default_rng(seed).standard_normal(shape, np.float32) * std
-        return jnp.asarray(sample.astype(dtype))
+        shape = tuple(int(d) for d in shape)
+        std = std_of_shape(shape)
+        out_dtype = np.dtype(dtype)
+
+        def draw(key_data: np.ndarray) -> np.ndarray:
+            seed = np.asarray(key_data).astype(np.uint32).ravel().tolist()
+            sample = np.random.default_rng(seed).standard_normal(shape, np.float32) * std
+            return sample.astype(out_dtype)
+
+        return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, out_dtype),
+                                 jax.random.key_data(key))
 
     return init
 
