@@ -33,7 +33,7 @@ setup(
         "unet-jax-benchmark=unet_jax.benchmark:run",
     ]},
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3"],
         "torch": ["torch==2.13.0"],
     },
 )

@@ -9,7 +9,8 @@ share of crops containing vessel, mean vessel fraction per crop, and the share o
 mmseg's cat_max_ratio test (i.e. ended on an accepted bbox rather than the unchecked 11th).
 "ours" is `unet_jax.data.pipeline.TrainSampler` (the real batch path); "reference" is a plain,
 sequential numpy/cv2 re-implementation of mmseg's RandomResize + RandomCrop(cat_max_ratio=0.75)
-written here from the spec (§6.2), sharing no code with `unet_jax/data/transforms.py`.
+written here from mmseg's RandomResize/RandomCrop, sharing no code with
+`unet_jax/data/augment.py` or tests/mmseg_reference.py.
 The two must agree within 2 percentage points (exit status 1 otherwise). The default 20000
 crops each keep the standard error of the accepted-share difference at ~0.5 pp (with 5000 it is
 ~1 pp, so a 2 pp bound would fail by chance for about 1 seed in 20).

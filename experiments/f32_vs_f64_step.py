@@ -1,6 +1,6 @@
 """Where float32 loses precision in one train step: JAX float32 vs float64, layer by layer, op by op.
 
-Builds a train_step fixture model (tests/mmseg_fixtures.py, exactly as tests/test_train_step.py
+Builds a train_step fixture model (tests/conftest.py, exactly as tests/test_train_step.py
 does), computes the iteration-1 gradient in float32 and in float64 (jax_enable_x64, model dtype
 float64, float64 parameters) and prints:
 
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import FIXTURES  # noqa: E402
-from mmseg_fixtures import tiny_model  # noqa: E402
+from conftest import fixture_model  # noqa: E402
 from unet_jax.losses import segmentation_loss  # noqa: E402
 from unet_jax.models import build_model, layers  # noqa: E402
 from unet_jax.step import create_train_state, make_train_step  # noqa: E402
@@ -57,7 +57,7 @@ VARIANTS = {"fcn_drive": ("fcn_drive", ""), "pspnet_drive": ("pspnet_drive", "")
 def setup(variant: str, dtype: str):
     """(config, train-mode model with the fixture weights, batch) as the train-step test."""
     start, arg = VARIANTS[variant]
-    config, model = tiny_model(FIXTURES, start, arg_suffix=arg, dtype=dtype)
+    config, model = fixture_model(start, arg_suffix=arg, dtype=dtype)
     config.model.dropout_ratio = 0.0
     config.loss.dice_form = "v1"
     fresh = build_model(config.model)

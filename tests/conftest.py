@@ -1,8 +1,14 @@
-"""Shared test helpers: where ../shared lives and how tests that need it skip or fail."""
+"""Shared test helpers: where ../shared lives, the one tiny-config builder, the one fixture-model
+loader, and running the training CLI in a subprocess (for the tests where that is the point)."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,6 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UNET_JAX_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "mmseg"
 DATA = SHARED / "data"
+TINY = REPO / "tests" / "tiny_config.py"
+RUN_MAIN = REPO / "tests" / "run_main.py"
+# The mmseg fixture models (../shared/fixtures/mmseg/models): name -> (dataset, head).
+FIXTURE_MODELS = {"fcn_drive": ("drive", "fcn"), "pspnet_drive": ("drive", "pspnet"),
+                  "deeplabv3_drive": ("drive", "deeplabv3"),
+                  "fcn_cityscapes": ("cityscapes", "fcn")}
 
 
 def require_shared(path: Path) -> Path:
@@ -22,6 +34,61 @@ def require_shared(path: Path) -> Path:
     pytest.skip(msg)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One XLA compilation cache for the session (in-process tests and CLI subprocesses), so a
+    program compiled by one test is not compiled again by the next (CI: cold at the start)."""
+    cache = getattr(config, "cache", None)
+    folder = (cache.mkdir("unet_jax_jax_cache") if cache is not None
+              else Path(tempfile.mkdtemp(prefix="unet_jax_jax_cache_")))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(folder))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+# ------------------------------------------------------------------------------ configs
+def tiny_config(spec: str | Path = TINY, overrides: dict[str, Any] | None = None):
+    """The one tiny-config builder.
+
+    `tests/tiny_config.py` (default): synthetic 64 x 64 images, base_channels 4, 6 steps of
+    batch 2 (the training tests). A zoo config `configs/<dataset>.py[:arg]`: the model at the
+    mmseg fixtures' widths (base 8; decode head 8 for FCN, 4 for PSP and ASPP). `overrides` map
+    dotted fields to values, applied last.
+    """
+    from unet_jax.config import load_config
+
+    spec = str(spec)
+    config = load_config(spec if spec.startswith("/") else str(REPO / spec))
+    if spec.startswith("configs/"):
+        config.model.base_channels = 8
+        config.model.head_channels = 8 if config.model.head == "fcn" else 4
+    for dotted, value in (overrides or {}).items():
+        section, _, name = dotted.rpartition(".")
+        node = config
+        for part in section.split(".") if section else []:
+            node = node[part]
+        node[name] = value
+    return config
+
+
+def fixture_model(name: str, *, pth_suffix: str = "", arg_suffix: str = "",
+                  dtype: str = "float32"):
+    """The one fixture-model loader: (config, eval-mode model) of models/<name><pth_suffix>.pth.
+
+    `dtype` is the model's compute dtype ("float64" needs jax_enable_x64).
+    """
+    from unet_jax.models import build_model
+    from unet_jax.models.mmseg import extract_state_dict, load_state_dict
+    from unet_jax.models.pth import load_pth
+
+    dataset, head = FIXTURE_MODELS[name]
+    config = tiny_config(f"configs/{dataset}.py:{head}{arg_suffix}", {"model.dtype": dtype})
+    model = build_model(config.model)
+    path = require_shared(FIXTURES / "models" / f"{name}{pth_suffix}.pth")
+    load_state_dict(model, extract_state_dict(load_pth(path), path), source=str(path))
+    model.eval()
+    return config, model
+
+
+# ------------------------------------------------------------------------------ fixtures
 @pytest.fixture
 def fixtures_dir() -> Path:
     """../shared/fixtures/mmseg, or skip/fail."""
@@ -48,21 +115,44 @@ def x64():
 
 
 @pytest.fixture(scope="session")
-def run_env(tmp_path_factory, request) -> dict[str, str]:
-    """Environment for CLI subprocesses: prepared tiny data and a shared compilation cache."""
-    root = tmp_path_factory.mktemp("train_env")
-    # XLA compilations are cached across sessions in .pytest_cache (first session: cold).
-    cache = getattr(request.config, "cache", None)
-    jax_cache = cache.mkdir("unet_jax_jax_cache") if cache is not None else root / "jax_cache"
-    from train_helpers import tiny_config
+def run_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for CLI subprocesses, with the tiny synthetic data prepared once."""
     from unet_jax import data
 
-    data.prepare(tiny_config(root / "tfds").data)
+    root = tmp_path_factory.mktemp("train_env")
+    data.prepare(tiny_config(TINY, {"data.tfds_data_dir": str(root / "tfds")}).data)
     env = dict(os.environ)
-    env.update(UNET_JAX_TEST_TFDS=str(root / "tfds"),
-               JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.update(UNET_JAX_TEST_TFDS=str(root / "tfds"), JAX_PLATFORMS="cpu",
+               TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     env.pop("UNET_JAX_TEST_SIGNAL_AT", None)
     return env
+
+
+@pytest.fixture
+def train_config(run_env):
+    """`make(**train)`: the tiny training config on the prepared data, train.* overridden."""
+    def make(**train: Any):
+        overrides = {"data.tfds_data_dir": run_env["UNET_JAX_TEST_TFDS"]}
+        overrides.update({f"train.{k}": v for k, v in train.items()})
+        return tiny_config(TINY, overrides)
+    return make
+
+
+# ------------------------------------------------------------------------------ the CLI
+def run_cli(env: dict[str, str], workdir: Path, *flags: str, signal_at: str = "",
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python tests/run_main.py --config tests/tiny_config.py --workdir W FLAGS...`."""
+    env = dict(env)
+    if signal_at:
+        env["UNET_JAX_TEST_SIGNAL_AT"] = signal_at
+    cmd = [sys.executable, str(RUN_MAIN), f"--config={TINY}", f"--workdir={workdir}",
+           "--jax_cache_dir=", *flags]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    """The records of `<workdir>/metrics.jsonl`."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]

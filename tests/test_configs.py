@@ -14,7 +14,7 @@ STRIDE = {"drive": (42, 42), "stare": (85, 85), "chase_db1": (85, 85), "hrf": (1
           "cityscapes": (512, 1024)}
 SCALE = {"drive": (584, 565), "stare": (605, 700), "chase_db1": (960, 999),
          "hrf": (2336, 3504), "cityscapes": (2048, 1024)}
-# configs/unet/metafile.yaml (spec table "Published results"): a few rows spelled out again.
+# mmseg's configs/unet/metafile.yaml: a few rows spelled out again.
 SOME_PUBLISHED = {("drive", "fcn", "ce"): {"mDice": 88.38, "Dice": 78.67},
                   ("stare", "pspnet", "ce_dice"): {"mDice": 90.72, "Dice": 82.84},
                   ("chase_db1", "deeplabv3", "ce"): {"mDice": 89.57, "Dice": 80.47},

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmseg_fixtures import MODELS, tiny_config
+from conftest import FIXTURE_MODELS, tiny_config
 from unet_jax import weights
 from unet_jax.convert import export_mmseg, import_mmseg
 from unet_jax.errors import InputError
@@ -22,11 +22,11 @@ from unet_jax.models.pth import load_pth
 
 
 def _config(name):
-    dataset, head = MODELS[name]
-    return tiny_config(dataset, head)
+    dataset, head = FIXTURE_MODELS[name]
+    return tiny_config(f"configs/{dataset}.py:{head}")
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(FIXTURE_MODELS))
 def test_both_layouts_give_the_same_state_dict_and_keys(fixtures_dir, name):
     new = load_pth(fixtures_dir / "models" / f"{name}.pth")
     old = load_pth(fixtures_dir / "models" / f"{name}_published.pth")

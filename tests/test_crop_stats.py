@@ -32,7 +32,7 @@ def test_crop_statistics_match_reference(data_dir: Path) -> None:
     for key, a, b, diff, se in cs.compare(ours, ref):
         assert abs(diff) <= 4.5 * se, (f"{key}: ours {a:.2f} %, reference {b:.2f} %, "
                                        f"|diff| {abs(diff):.2f} pp > 4.5 x {se:.2f} pp")
-    # sanity: the cat_max_ratio rule is active (about half the crops end accepted, spec §6.2)
+    # sanity: the cat_max_ratio rule is active (about half the crops end accepted: mmseg RandomCrop)
     assert 0.4 < ours["share_accepted"] < 0.65
     assert 0.9 < ours["share_with_vessel"] <= 1.0
     assert np.isfinite(ours["mean_vessel_fraction"])

@@ -7,31 +7,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, require_shared
+from conftest import FIXTURES, require_shared, tiny_config
 from unet_jax import inference as inf
 from unet_jax.sizes import rescale_size
 from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
 from unet_jax.models.mmseg import extract_state_dict, load_state_dict
 from unet_jax.models import build_model
 from unet_jax.models.pth import load_pth
-from unet_jax.config import load_config
 
 
-def tiny_config():
-    c = load_config("configs/drive.py:fcn")
-    c.model.base_channels = 8
-    c.model.head_channels = 8
-    c.eval.crop_size = (32, 32)
-    c.eval.stride = (21, 21)
-    c.eval.batch_windows = 8
-    c.data.img_scale = (72, 56)  # small: the synthetic images are rescaled (keep ratio) to fit
-    return c
+def eval_config():
+    """The fixture fcn_drive at 32 x 32 windows; small synthetic images rescaled (keep ratio)
+    to fit 72 x 56."""
+    return tiny_config("configs/drive.py:fcn", {
+        "eval.crop_size": (32, 32), "eval.stride": (21, 21), "eval.batch_windows": 8,
+        "data.img_scale": (72, 56)})
 
 
 @pytest.fixture(scope="module")
 def apply_fn():
     path = require_shared(FIXTURES / "models" / "fcn_drive.pth")
-    model = build_model(tiny_config().model)
+    model = build_model(eval_config().model)
     load_state_dict(model, extract_state_dict(load_pth(path), path), str(path))
     return inf.make_apply_fn(model)
 
@@ -69,7 +65,7 @@ def numpy_summary(preds: list[np.ndarray], labels: list[np.ndarray], num_classes
 
 
 def test_evaluate_matches_numpy(apply_fn):
-    config = tiny_config()
+    config = eval_config()
     samples = synthetic_samples(3)
     summary, examples = evaluate(apply_fn, samples, config, progress=False, return_examples=2)
     preds = [np.asarray(inf.segment(apply_fn, s["image"], config)[1]) for s in samples]
@@ -85,7 +81,7 @@ def test_evaluate_matches_numpy(apply_fn):
 
 
 def test_evaluate_max_images_and_normalised_input(apply_fn):
-    config = tiny_config()
+    config = eval_config()
     samples = synthetic_samples(3)
     config.eval.max_images = 2
     limited = evaluate(apply_fn, iter(samples), config, progress=False)
@@ -102,7 +98,7 @@ def test_evaluate_max_images_and_normalised_input(apply_fn):
 
 
 def test_evaluate_rejects_bad_samples(apply_fn):
-    config = tiny_config()
+    config = eval_config()
     bad = synthetic_samples(1)
     bad[0]["label"] = bad[0]["label"][:-1]
     with pytest.raises(ValueError, match="img0.*label shape"):

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, require_shared
+from conftest import FIXTURES, require_shared, tiny_config
 from unet_jax import inference as inf
 from unet_jax.sizes import rescale_size
-import mmseg_fixtures
 from unet_jax.models import build_model
 from unet_jax.models.mmseg import extract_state_dict, load_state_dict
 from unet_jax.models.pth import load_pth
@@ -24,16 +23,16 @@ DRIVE_BGR_SHA256 = "1a4b95c412a4947ff6f00abfae18e901fc17460a608fb5e2d9577a74fa2b
 TTA_CROP_BGR_SHA256 = "f6da137906366204a941765adbbee867f77b06281e788b554986e4ebf57bc2dc"
 
 
-def tiny_config():
+def fcn_config():
     """The drive fcn config at the fixtures' tiny widths."""
-    return mmseg_fixtures.tiny_config("drive", "fcn")
+    return tiny_config("configs/drive.py:fcn")
 
 
 @pytest.fixture(scope="module")
 def apply_fn():
     """The tiny fcn_drive fixture model, wrapped for inference (shared by the module's tests)."""
     path = require_shared(FIXTURES / "models" / "fcn_drive.pth")
-    model = build_model(tiny_config().model)  # no random init: the weights are loaded
+    model = build_model(fcn_config().model)  # no random init: the weights are loaded
     load_state_dict(model, extract_state_dict(load_pth(path), path), str(path))
     return inf.make_apply_fn(model)
 
@@ -103,7 +102,7 @@ def test_drive_01_test_inference_model(apply_fn, fixtures_dir: Path, data_dir: P
     bgr_sha = hashlib.sha256(np.ascontiguousarray(rgb[:, :, ::-1]).tobytes()).hexdigest()
     assert bgr_sha == DRIVE_BGR_SHA256, "PIL decode differs from mmseg's cv2 decode"
     ref = np.load(fixtures_dir / "inference" / "drive_01_test_inference_model.npz")
-    config = tiny_config()
+    config = fcn_config()
     scores, pred = inf.segment(apply_fn, rgb, config)
     err = float(np.abs(np.asarray(scores) - ref["seg_logits"].transpose(1, 2, 0)).max())
     flips = int((np.asarray(pred) != ref["pred"]).sum())
@@ -118,7 +117,7 @@ def test_tta_drive_crop(apply_fn, fixtures_dir: Path):
     assert hashlib.sha256(bgr.tobytes()).hexdigest() == TTA_CROP_BGR_SHA256
     rgb = np.ascontiguousarray(bgr[:, :, ::-1])
     ref = np.load(folder / "tta_drive_crop.npz")
-    config = tiny_config()
+    config = fcn_config()
     config.eval.crop_size = (32, 32)
     config.eval.stride = (21, 21)
     config.eval.batch_windows = WINDOWS
@@ -149,7 +148,7 @@ def test_tta_view_sizes():
 
 def test_make_apply_fn_leaves_model_mode(apply_fn, fixtures_dir: Path):
     path = fixtures_dir / "models" / "fcn_drive.pth"
-    model = build_model(tiny_config().model)
+    model = build_model(fcn_config().model)
     load_state_dict(model, extract_state_dict(load_pth(path), path), str(path))
     model.train()
     fn = inf.make_apply_fn(model)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmseg_fixtures import MODELS, tiny_model
+from conftest import FIXTURE_MODELS, fixture_model, tiny_config
 from unet_jax.models import build_model, count_params
 from unet_jax.models.layers import adaptive_pool_matrix
 from unet_jax.models.unet import UNet
@@ -40,9 +40,7 @@ def test_indivisible_input_error_names_size_and_fix():
 
 
 def _tiny(head):
-    cfg = load_config(f"configs/drive.py:{head}").model
-    cfg.base_channels = 4
-    return cfg
+    return tiny_config(f"configs/drive.py:{head}", {"model.base_channels": 4}).model
 
 
 def test_unet_general_options():
@@ -100,9 +98,9 @@ def test_adaptive_pool_bins_overlap_like_torch(length, bins, expected):
     np.testing.assert_allclose(mat.sum(1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(FIXTURE_MODELS))
 def test_forward_parity_with_mmseg(fixtures_dir, name):
-    _, model = tiny_model(fixtures_dir, name)
+    _, model = fixture_model(name)
     inputs = np.load(fixtures_dir / "models" / "inputs.npz")
     ref = np.load(fixtures_dir / "models" / f"{name}_outputs.npz")
     worst = 0.0
@@ -121,7 +119,7 @@ def test_forward_parity_with_mmseg(fixtures_dir, name):
 
 
 def test_bfloat16_option_runs_close(fixtures_dir):
-    config, model = tiny_model(fixtures_dir, "fcn_drive")
+    config, model = fixture_model("fcn_drive")
     config.model.dtype = "bfloat16"
     bf = build_model(config.model)
     nnx.update(bf, nnx.state(model))
@@ -143,7 +141,7 @@ def test_float64_option_needs_x64():
 
 
 def test_float64_option_is_float64_throughout(fixtures_dir, x64):
-    config, model = tiny_model(fixtures_dir, "fcn_drive", dtype="float64")
+    config, model = fixture_model("fcn_drive", dtype="float64")
     leaves = jax.tree_util.tree_leaves(nnx.state(model, (nnx.Param, nnx.BatchStat)))
     assert leaves and all(leaf.dtype == jnp.float64 for leaf in leaves)
     x = np.load(fixtures_dir / "models" / "inputs.npz")["x64x64"].transpose(0, 2, 3, 1)

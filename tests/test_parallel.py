@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from train_helpers import REPO, RUN_MAIN, TINY, read_metrics, run_cli
+from conftest import REPO, RUN_MAIN, TINY, read_metrics, run_cli
 
 FLAGS = ("--config.train.num_steps=3", "--config.train.batch_size=4",
          "--config.train.log_every=1", "--config.train.eval_every=0",
@@ -54,10 +54,13 @@ def four_device_run(tmp_path_factory, run_env) -> Path:
     return workdir
 
 
-def test_four_devices_match_one(tmp_path, run_env, four_device_run):
+def test_four_devices_match_one(tmp_path, train_config, four_device_run):
+    from unet_jax.train import train_and_evaluate
+
+    assert jax.device_count() == 1  # this process: the one-device reference
     one = tmp_path / "one"
-    done = run_cli(_devices_env(run_env, 1), one, *FLAGS)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_and_evaluate(train_config(num_steps=3, batch_size=4, log_every=1, eval_every=0,
+                                    checkpoint_every=0), one)
     _assert_same_training(one, four_device_run)
 
 

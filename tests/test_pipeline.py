@@ -11,7 +11,8 @@ import tensorflow as tf
 from PIL import Image
 
 from unet_jax.data import pipeline as P
-from unet_jax.data import transforms as T
+import mmseg_reference as T
+from unet_jax.data import augment as A
 from unet_jax.config import load_config
 
 
@@ -122,7 +123,9 @@ def test_samples_follow_epoch_permutations_and_reference(drive) -> None:
     idx = P.step_indices(3, 6)
     images, labels = sampler.batch(idx)
     for k, i in enumerate(idx):  # the batch path equals the mmseg-structured reference
-        ref_img, ref_lab = sampler.reference(int(i))
+        image, label = sampler.pair(int(i))
+        ref_img, ref_lab = T.train_sample(image, label, T.ParamDraws(sampler.params(int(i))),
+                                          sampler.data_cfg)
         np.testing.assert_array_equal(images[k], ref_img)
         np.testing.assert_array_equal(labels[k], ref_lab)
 
@@ -148,14 +151,14 @@ def test_eval_dataset(drive) -> None:
         np.testing.assert_array_equal(e["label"], lab)
         assert e["image_normalised"].dtype == np.float32
         np.testing.assert_array_equal(e["image_normalised"],
-                                      T.normalise(img[:, :, ::-1], cfg.mean, cfg.std))
+                                      A.normalise(img[:, :, ::-1], cfg.mean, cfg.std))
     assert len(list(P.eval_dataset(_ds(drive), cfg))) == 8
     small = ml_collections.ConfigDict(cfg.to_dict())
     small.img_scale = (292, 282)  # keep-ratio resize: 291 x 282, label stays at full size
     e = next(P.eval_dataset(_ds(drive), small, max_images=1))
     assert e["image_normalised"].shape == (291, 282, 3) and e["label"].shape == (584, 565)
-    ref, _ = T.resize_keep_ratio(drive["image"][0][:, :, ::-1], None, (292, 282))
-    np.testing.assert_array_equal(e["image_normalised"], T.normalise(ref, cfg.mean, cfg.std))
+    ref, _ = A.resize_keep_ratio(drive["image"][0][:, :, ::-1], None, (292, 282))
+    np.testing.assert_array_equal(e["image_normalised"], A.normalise(ref, cfg.mean, cfg.std))
 
 
 def test_variable_sized_generator_dataset() -> None:

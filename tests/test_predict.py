@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DATA, FIXTURES, REPO, require_shared
+from conftest import DATA, FIXTURES, REPO, require_shared, tiny_config
 from unet_jax import convert, predict, weights
 from unet_jax.errors import CheckpointError, InputError
-import mmseg_fixtures
 from unet_jax.models import build_model
 
 TINY = ["--config.model.base_channels=8", "--config.model.head_channels=8"]
 
 
-def tiny_config():
+def fcn_config():
     """The drive fcn config at the fixtures' tiny widths."""
-    return mmseg_fixtures.tiny_config("drive", "fcn")
+    return tiny_config("configs/drive.py:fcn")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_predict_crop_and_odd_sizes(tmp_path: Path, pth: Path, drive_01: Path):
     Image.fromarray(rgb[150:350, 10:190]).save(inputs / "crop.png")
     Image.fromarray(rgb[300:337, 200:253]).save(inputs / "sub" / "odd.jpg")  # 37 x 53
     (inputs / "notes.txt").write_text("not an image, skipped in folders")
-    config = tiny_config()
+    config = fcn_config()
     out = tmp_path / "out"
     written = predict.predict_files(config, pth, [inputs], out, save_logits=True, progress=False)
     assert [r["input"].name for r in written] == ["crop.png", "odd.jpg"]
@@ -76,19 +75,19 @@ def test_predict_errors(tmp_path: Path, pth: Path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(predict.ImageReadError, match="broken.png"):
-        predict.predict_files(tiny_config(), pth, [bad], tmp_path / "o", progress=False)
+        predict.predict_files(fcn_config(), pth, [bad], tmp_path / "o", progress=False)
     with pytest.raises(InputError, match="missing.png"):
-        predict.predict_files(tiny_config(), pth, [tmp_path / "missing.png"], tmp_path / "o",
+        predict.predict_files(fcn_config(), pth, [tmp_path / "missing.png"], tmp_path / "o",
                               progress=False)
     with pytest.raises(CheckpointError, match="nowhere"):
-        weights.load(build_model(tiny_config().model), tmp_path / "nowhere")
+        weights.load(build_model(fcn_config().model), tmp_path / "nowhere")
 
 
 def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path):
     """.pth -> unet_jax.convert weights folder -> predict CLI --save_logits == mmseg's logits."""
     ref = np.load(require_shared(FIXTURES / "inference" / "drive_01_test_inference_model.npz"))
     weights = tmp_path / "weights"
-    convert.import_mmseg(tiny_config(), pth, weights)
+    convert.import_mmseg(fcn_config(), pth, weights)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "unet_jax.predict", "--config", "configs/drive.py:fcn,ce",

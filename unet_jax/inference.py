@@ -1,4 +1,6 @@
-"""Slide / whole inference and multi-scale + flip TTA, as mmseg's EncoderDecoder (spec §8).
+"""Slide / whole inference and multi-scale + flip TTA, as mmseg's EncoderDecoder
+(mmseg/models/segmentors/encoder_decoder.py: slide_inference, whole_inference;
+seg_tta.py: SegTTAModel.merge_preds).
 
 Layout: images are NHWC (or HWC) float32, already normalised ((x - mean) / std, RGB); logits are
 (H, W, C) float32. `apply_fn` maps a normalised batch (N, h, w, 3) to decode-head logits

@@ -1,4 +1,5 @@
-"""Segmentation losses with mmsegmentation's exact reductions (spec §4).
+"""Segmentation losses with mmsegmentation's exact reductions
+(mmseg/models/losses/cross_entropy_loss.py, dice_loss.py, utils.py weight_reduce_loss).
 
 Layout: logits are NHWC float arrays (N, H, W, C); labels are integer arrays (N, H, W) with
 `ignore_index` (255) marking pixels without a label. Everything is computed in float32 whatever
@@ -104,7 +105,8 @@ def _drop_channel(x: jax.Array, index: int) -> jax.Array:
 
 def dice_loss_v1(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255,
                  eps: float = 1e-3) -> jax.Array:
-    """mmseg 1.1.2-1.2.2 `DiceLoss` defaults (sigmoid, naive_dice False), loss_weight 1 (spec §4.2).
+    """mmseg 1.1.2-1.2.2 `DiceLoss` defaults (sigmoid, naive_dice False), loss_weight 1
+    (mmseg/models/losses/dice_loss.py in 1.2.2).
 
     Labels outside [0, C) become an all-zero one-hot row, but their predictions still count.
     Sums run per sample over C*H*W together; the result is the batch mean of 1 - dice.
@@ -127,7 +129,8 @@ def dice_loss_v1(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 25
 
 def dice_loss_legacy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255,
                      smooth: float = 1.0, exponent: int = 2) -> jax.Array:
-    """mmseg 0.x-1.0.0 `DiceLoss` (softmax, per-class binary dice averaged over C), weight 1 (§4.3).
+    """mmseg 0.x-1.0.0 `DiceLoss` (softmax, per-class binary dice averaged over C), weight 1
+    (mmseg/models/losses/dice_loss.py up to 1.0.0).
 
     A pixel labelled `ignore_index` is one-hot encoded as class C-1 and masked only in the
     numerator, exactly as the loss that trained the published ce+dice checkpoints.
@@ -159,7 +162,8 @@ def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255
 
 def segmentation_loss(decode_logits: jax.Array, aux_logits: jax.Array | None, labels: jax.Array,
                       loss_cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The EncoderDecoder training objective (spec §4.4) and the terms mmseg logs.
+    """The EncoderDecoder training objective and the terms mmseg logs
+    (mmseg/models/decode_heads/decode_head.py loss_by_feat; mmengine BaseModel.parse_losses).
 
     `loss_cfg` is `config.loss` (read at trace time; validated by `check_config`). Both logits are bilinearly resized to the
     label size first. Returns (total, terms) with terms `decode.loss_ce`, [`decode.loss_dice`,]

@@ -1,4 +1,5 @@
-"""mmseg `IoUMetric` semantics: global per-class pixel counts, then IoU / Dice / Acc (spec §9).
+"""mmseg `IoUMetric` semantics: global per-class pixel counts, then IoU / Dice / Acc
+(mmseg/evaluation/metrics/iou_metric.py: IoUMetric.intersect_and_union, total_area_to_metrics).
 
 Counts are exact int64 (mmseg accumulates float32 `torch.histc` counts, which stop being exact
 above 2**24 pixels per class, e.g. over the Cityscapes val split); ratios are computed in float64.

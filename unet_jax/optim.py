@@ -1,4 +1,5 @@
-"""mmseg's optimiser and learning-rate schedule: torch SGD + mmengine PolyLR (spec §5)."""
+"""mmseg's optimiser and learning-rate schedule: torch SGD + mmengine PolyLR
+(configs/_base_/schedules/schedule_40k.py; mmengine/optim/scheduler/lr_scheduler.py, PolyLR)."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,8 +1,8 @@
-"""Train and eval input pipelines (tf.data) around the mmseg transforms of `transforms.py`.
+"""Train and eval input pipelines (tf.data) around the mmseg augmentation of `augment.py`.
 
 Train: the split is cached in host memory once (decoded arrays, or the encoded PNG bytes if the
 dataset yields strings, e.g. a TFDS split read with `tfds.decode.SkipDecoding()`), sorted by
-`name`; augmentation runs on whole per-host batches (`transforms.train_batch`) in a parallel
+`name`; augmentation runs on whole per-host batches (`augment.train_batch`) in a parallel
 tf.data map. Global sample `i = step * global_batch_size + j` is a pure function of `(seed, i)`:
 its image is `permutation(seed, epoch = i // N)[i % N]` and all its augmentation randomness comes
 from `numpy.random.default_rng([seed, 1, i])`. So a run resumed at `start_step` sees exactly the
@@ -23,8 +23,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from unet_jax.data import fast_transforms as F
-from unet_jax.data import transforms as T
+from unet_jax.data import augment as A
 
 _PERM_STREAM, _AUG_STREAM = 0, 1
 
@@ -132,19 +131,14 @@ class TrainSampler:
         n = len(self.records)
         return int(self._permutation(i // n)[i % n])
 
-    def params(self, i: int) -> F.AugParams:
+    def params(self, i: int) -> A.AugParams:
         """All augmentation randomness of global sample `i`."""
-        return F.sample_params(np.random.default_rng([self.seed, _AUG_STREAM, int(i)]))
+        return A.sample_params(np.random.default_rng([self.seed, _AUG_STREAM, int(i)]))
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The decoded (BGR image, label) that global sample `i` augments."""
         rec = self.records[self.image_index(int(i))]
         return _decode_image_bgr(rec.image), _decode_label(rec.label)
-
-    def reference(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample `i` through the mmseg-structured reference (`transforms.train_sample`)."""
-        image, label = self.pair(i)
-        return T.train_sample(image, label, F.ParamDraws(self.params(i)), self.data_cfg)
 
     def batch(self, indices: np.ndarray, image_indices: np.ndarray | None = None,
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +149,7 @@ class TrainSampler:
         """
         picks = indices if image_indices is None else image_indices
         pairs = [self.pair(i) for i in picks]
-        return F.train_batch([p[0] for p in pairs], [p[1] for p in pairs],
+        return A.train_batch([p[0] for p in pairs], [p[1] for p in pairs],
                              [self.params(i) for i in indices], self.data_cfg)
 
 
@@ -237,7 +231,7 @@ def eval_dataset(ds: tf.data.Dataset, data_cfg: Any, max_images: int = 0,
     def prepare(image: np.ndarray | bytes, label: np.ndarray | bytes,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bgr = _decode_image_bgr(image) if isinstance(image, bytes) else _rgb_to_bgr(image)
-        return (np.ascontiguousarray(bgr[:, :, ::-1]), T.eval_image(bgr, data_cfg),
+        return (np.ascontiguousarray(bgr[:, :, ::-1]), A.eval_image(bgr, data_cfg),
                 _decode_label(label))
 
     def load(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -73,7 +73,8 @@ class UpConvBlock(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """UNet encoder-decoder; returns the decoder maps from deepest to shallowest (spec §1.8)."""
+    """UNet encoder-decoder; returns the decoder maps from deepest to shallowest
+    (mmseg/models/backbones/unet.py, UNet.forward)."""
 
     def __init__(self, *, in_channels: int = 3, base_channels: int = 64, num_stages: int = 5,
                  strides: Sequence[int] = (1, 1, 1, 1, 1),

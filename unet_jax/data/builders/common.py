@@ -4,7 +4,7 @@ A dataset arrives either as its official archives or as the same content extract
 `Source`: a root (archive or folder) with `/`-separated member paths. Each builder only says which
 archive / folder holds which files and how names map to splits; everything else lives here.
 
-Decoding follows mmsegmentation's converters (spec §7): images are decoded by OpenCV exactly as
+Decoding follows mmsegmentation's converters (tools/dataset_converters/*.py): images are decoded by OpenCV exactly as
 `mmcv.imread` (BGR) and returned as RGB; labels are `channel0 // 128` of the BGR colour decode
 (OpenCV expands 1-bit PNGs to 0/255), GIFs are read as their first frame (the converter uses
 `cv2.VideoCapture`). Every problem raises one `DataError` naming the file, what was expected and

@@ -1,25 +1,12 @@
-"""mmsegmentation's training augmentation as plain numpy/cv2 functions with explicit randomness.
+"""mmsegmentation's training augmentation structured exactly as mmseg's transforms: the oracle.
 
-Spec §6.2: RandomResize -> RandomCrop(cat_max_ratio) -> RandomFlip -> PhotoMetricDistortion
-(on the BGR uint8 image) -> BGR->RGB + (x - mean) / std -> pad to the crop size (0 / 255).
-
-Images are **BGR uint8** here, as cv2 (and so mmseg) decodes them; `normalise` is the step that
-returns RGB. The pipeline (`pipeline.py`) converts the RGB TFDS images to BGR once when it caches
-them. All randomness goes through a small `Draws` interface whose calls mirror the numpy calls
-mmseg makes (`randint(2)`, `uniform(-32, 32)`, ...), so the fixtures' scripted draws can be
-replayed with `ScriptedDraws`; `GeneratorDraws` wraps a `numpy.random.Generator` for real use.
-cv2 is used for resizing and the HSV round trips because only cv2 reproduces cv2 bit-exactly.
-
-Two implementations of the same maths:
-* the reference, structured like mmseg (`random_resize`, `random_crop`, `random_flip`,
-  `photometric_distortion`, `normalise`, `pad_to`, composed by `train_sample`), checked against
-  the mmseg fixtures;
-* the fast path the pipeline runs (`fast_transforms.py`: `sample_params` -> `train_batch`):
-  every draw made up front
-  (`AugParams`), the resize computed only inside the chosen crop window by an integer emulation
-  of cv2's bilinear/nearest resize, the cat_max_ratio candidates checked vectorised, and the
-  photometric distortion vectorised over the batch. `ParamDraws` feeds the same `AugParams` to
-  the reference, and the tests check the two paths are equal bit for bit.
+Used only by the tests: each function mirrors one mmseg/mmcv transform
+(mmseg/datasets/transforms/transforms.py: RandomCrop, PhotoMetricDistortion; mmcv/transforms/
+processing.py: RandomResize, RandomFlip; mmseg/models/data_preprocessor.py: normalise and pad),
+with all randomness through a `Draws` interface whose calls mirror the numpy calls mmseg makes
+(`randint(2)`, `uniform(-32, 32)`, ...), so the fixtures' scripted draws replay with
+`ScriptedDraws`. tests/test_transforms.py checks it against mmseg's outputs, and the fast path
+the pipeline runs (`unet_jax.data.augment`) against it, through `ParamDraws`, bit for bit.
 """
 from __future__ import annotations
 
@@ -29,9 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from unet_jax.data.augment import (IGNORE_INDEX, AugParams, _convert, hflip, normalise,
+                                   resize_keep_ratio)
 from unet_jax.sizes import rescale_size
 
-IGNORE_INDEX = 255
 BBox = tuple[int, int, int, int]  # (y1, y2, x1, x2), as mmseg's crop_bbox
 
 
@@ -115,21 +103,6 @@ def as_draws(rng: np.random.Generator | Draws) -> Draws:
 
 
 # ------------------------------------------------------------------------------------ resize
-def resize_keep_ratio(image: np.ndarray, label: np.ndarray | None,
-                      scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
-    """mmseg `Resize(scale, keep_ratio=True)`: image cv2 INTER_LINEAR, label INTER_NEAREST."""
-    h, w = image.shape[:2]
-    new_h, new_w = rescale_size(h, w, scale)
-    if (new_h, new_w) != (h, w):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    if label is not None:
-        if label.shape[:2] != (h, w):
-            raise ValueError(f"label shape: expected {(h, w)} (the image's), found {label.shape}")
-        if (new_h, new_w) != (h, w):
-            label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-    return image, label
-
-
 def random_scale(rng: np.random.Generator | Draws, img_scale: Sequence[int],
                  ratio_range: Sequence[float] = (0.5, 2.0)) -> tuple[int, int]:
     """mmcv RandomResize's target: r = U[0,1) * (hi - lo) + lo; (int(s0 * r), int(s1 * r))."""
@@ -197,11 +170,6 @@ def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator |
 
 
 # -------------------------------------------------------------------------------------- flip
-def hflip(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Horizontal flip of image and label."""
-    return image[:, ::-1, ...], label[:, ::-1]
-
-
 def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator | Draws,
                 prob: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """mmcv `RandomFlip(prob)`, horizontal: flip with probability `prob`."""
@@ -211,12 +179,6 @@ def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator |
 
 
 # ------------------------------------------------------------------------ photometric (BGR)
-def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    """clip(img.astype(float32) * alpha + beta, 0, 255).astype(uint8), float32 arithmetic."""
-    out = img.astype(np.float32) * np.float32(alpha) + np.float32(beta)
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
 def brightness(img: np.ndarray, draws: Draws, delta: float = 32) -> np.ndarray:
     """With p=0.5 add beta ~ U(-delta, delta)."""
     if draws.randint(2):
@@ -273,14 +235,6 @@ def photometric_distortion(img_bgr: np.ndarray, rng: np.random.Generator | Draws
 
 
 # ---------------------------------------------------------------------- normalise and pad
-def normalise(img_bgr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """SegDataPreProcessor: BGR->RGB, float32, (x - mean) / std with RGB-order mean/std."""
-    if img_bgr.ndim != 3 or img_bgr.shape[2] != 3:
-        raise ValueError(f"image: expected HxWx3 BGR, found shape {img_bgr.shape}")
-    rgb = img_bgr[:, :, ::-1].astype(np.float32)
-    return (rgb - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 def pad_to(image: np.ndarray, label: np.ndarray | None, size: Sequence[int],
            pad_val: float = 0.0, seg_pad_val: int = IGNORE_INDEX,
            ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -321,8 +275,43 @@ def train_sample(image_bgr: np.ndarray, label: np.ndarray, rng: np.random.Genera
     return out, out_lab
 
 
-def eval_image(image_bgr: np.ndarray, data_cfg: Any) -> np.ndarray:
-    """Test pipeline image: keep-ratio resize to data.img_scale (identity at native size),
-    normalised RGB."""
-    img, _ = resize_keep_ratio(image_bgr, None, data_cfg.img_scale)
-    return normalise(img, data_cfg.mean, data_cfg.std)
+def _scaled_int(u: float, n: int) -> int:
+    """randint(n) from a uniform: floor(u * n), kept below n against float rounding."""
+    return min(int(u * n), n - 1)
+
+
+class ParamDraws:
+    """`Draws` that answers the reference pipeline's calls from an `AugParams`.
+
+    Calls are told apart by signature: random() -> ratio then flip; randint(0, n) -> the bbox
+    offsets in order; randint(2) -> the PMD coin flips in mmseg's order; uniform(a, b) -> the PMD
+    amounts in order; randint(-d, d) -> the hue shift. With it, `train_sample` consumes exactly
+    the randomness `train_batch` uses, so the two can be compared bit for bit.
+    """
+
+    def __init__(self, p: AugParams):
+        self.randoms = [p.ratio_u, p.flip_u]
+        self.offsets = list(p.offset_u.ravel())
+        c1, c0 = (p.contrast, None) if p.mode == 1 else (None, p.contrast)
+        self.coins = [int(c) for c in (p.brightness, p.mode, c1, p.saturation, p.hue, c0)
+                      if c is not None]
+        amounts = [(p.brightness, p.beta), (p.mode == 1 and p.contrast, p.contrast_alpha),
+                   (p.saturation, p.saturation_alpha),
+                   (p.mode == 0 and p.contrast, p.contrast_alpha)]
+        self.amounts = [v for use, v in amounts if use]
+        self.hue_shift = p.hue_shift
+
+    def randint(self, low: int, high: int | None = None) -> int:
+        if high is None and low == 2:
+            return self.coins.pop(0)
+        if high is not None and low == 0:
+            return _scaled_int(self.offsets.pop(0), high)
+        if high is not None and low == -high:
+            return self.hue_shift
+        raise ValueError(f"ParamDraws: unexpected call randint{(low, high)}")
+
+    def uniform(self, low: float, high: float) -> float:
+        return self.amounts.pop(0)
+
+    def random(self) -> float:
+        return self.randoms.pop(0)

@@ -1,10 +1,17 @@
-"""The fast path of the mmseg training augmentation, bit-equal to `transforms.py`'s reference.
+"""mmsegmentation's training augmentation, fast and bit-equal to mmseg's transforms.
 
-Every random draw is made up front (`AugParams`, `sample_params`); the keep-ratio resize is
-computed only inside the chosen crop window by an integer emulation of cv2's bilinear/nearest
-resize; the cat_max_ratio candidates are checked vectorised; the photometric distortion runs
-vectorised over the batch (`train_batch`). `ParamDraws` replays the same `AugParams` through
-the reference functions; the tests check both paths give identical bytes.
+The train pipeline of every zoo config (mmseg/datasets/transforms: RandomResize(ratio 0.5-2,
+keep ratio) -> RandomCrop(cat_max_ratio 0.75) -> RandomFlip(0.5) -> PhotoMetricDistortion on the
+BGR uint8 image -> BGR->RGB + (x - mean) / std -> pad to the crop size with 0 / 255). Every random
+draw is made up front (`AugParams`, `sample_params`); the keep-ratio resize is computed only
+inside the chosen crop window by an integer emulation of cv2's bilinear/nearest resize; the
+cat_max_ratio candidates are checked vectorised; the photometric distortion runs vectorised over
+the batch (`train_batch`). Images are BGR uint8, as cv2 (and so mmseg) decodes them; `normalise`
+returns RGB. `eval_image` is the test pipeline's image.
+
+The tests replay the same `AugParams` through an implementation structured exactly like mmseg's
+transforms (tests/mmseg_reference.py, itself checked against mmseg's outputs) and check that both
+give identical bytes (data/TRANSFORMS.md).
 """
 from __future__ import annotations
 
@@ -16,12 +23,51 @@ from typing import Any
 import cv2
 import numpy as np
 
-from unet_jax.data.transforms import (
-    IGNORE_INDEX,
-    _convert,
-    hflip,
-    rescale_size,
-)
+from unet_jax.sizes import rescale_size
+
+IGNORE_INDEX = 255
+
+
+# ------------------------------------------------------------------------ shared primitives
+def resize_keep_ratio(image: np.ndarray, label: np.ndarray | None,
+                      scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """mmseg `Resize(scale, keep_ratio=True)`: image cv2 INTER_LINEAR, label INTER_NEAREST."""
+    h, w = image.shape[:2]
+    new_h, new_w = rescale_size(h, w, scale)
+    if (new_h, new_w) != (h, w):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    if label is not None:
+        if label.shape[:2] != (h, w):
+            raise ValueError(f"label shape: expected {(h, w)} (the image's), found {label.shape}")
+        if (new_h, new_w) != (h, w):
+            label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+    return image, label
+
+
+def hflip(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontal flip of image and label."""
+    return image[:, ::-1, ...], label[:, ::-1]
+
+
+def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """clip(img.astype(float32) * alpha + beta, 0, 255).astype(uint8), float32 arithmetic."""
+    out = img.astype(np.float32) * np.float32(alpha) + np.float32(beta)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def normalise(img_bgr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """SegDataPreProcessor: BGR->RGB, float32, (x - mean) / std with RGB-order mean/std."""
+    if img_bgr.ndim != 3 or img_bgr.shape[2] != 3:
+        raise ValueError(f"image: expected HxWx3 BGR, found shape {img_bgr.shape}")
+    rgb = img_bgr[:, :, ::-1].astype(np.float32)
+    return (rgb - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def eval_image(image_bgr: np.ndarray, data_cfg: Any) -> np.ndarray:
+    """Test pipeline image: keep-ratio resize to data.img_scale (identity at native size),
+    normalised RGB."""
+    img, _ = resize_keep_ratio(image_bgr, None, data_cfg.img_scale)
+    return normalise(img, data_cfg.mean, data_cfg.std)
 
 
 # ------------------------------------------------------------- pre-drawn parameters (fast path)
@@ -63,48 +109,6 @@ def sample_params(rng: np.random.Generator) -> AugParams:
         saturation=bool(u[29] < 0.5), saturation_alpha=float(lo_s + u[30] * (hi_s - lo_s)),
         hue=bool(u[31] < 0.5),
         hue_shift=min(int(u[32] * 2 * HUE_DELTA), 2 * HUE_DELTA - 1) - HUE_DELTA)
-
-
-def _scaled_int(u: float, n: int) -> int:
-    """randint(n) from a uniform: floor(u * n), kept below n against float rounding."""
-    return min(int(u * n), n - 1)
-
-
-class ParamDraws:
-    """`Draws` that answers the reference pipeline's calls from an `AugParams`.
-
-    Calls are told apart by signature: random() -> ratio then flip; randint(0, n) -> the bbox
-    offsets in order; randint(2) -> the PMD coin flips in mmseg's order; uniform(a, b) -> the PMD
-    amounts in order; randint(-d, d) -> the hue shift. With it, `train_sample` consumes exactly
-    the randomness `train_batch` uses, so the two can be compared bit for bit.
-    """
-
-    def __init__(self, p: AugParams):
-        self.randoms = [p.ratio_u, p.flip_u]
-        self.offsets = list(p.offset_u.ravel())
-        c1, c0 = (p.contrast, None) if p.mode == 1 else (None, p.contrast)
-        self.coins = [int(c) for c in (p.brightness, p.mode, c1, p.saturation, p.hue, c0)
-                      if c is not None]
-        amounts = [(p.brightness, p.beta), (p.mode == 1 and p.contrast, p.contrast_alpha),
-                   (p.saturation, p.saturation_alpha),
-                   (p.mode == 0 and p.contrast, p.contrast_alpha)]
-        self.amounts = [v for use, v in amounts if use]
-        self.hue_shift = p.hue_shift
-
-    def randint(self, low: int, high: int | None = None) -> int:
-        if high is None and low == 2:
-            return self.coins.pop(0)
-        if high is not None and low == 0:
-            return _scaled_int(self.offsets.pop(0), high)
-        if high is not None and low == -high:
-            return self.hue_shift
-        raise ValueError(f"ParamDraws: unexpected call randint{(low, high)}")
-
-    def uniform(self, low: float, high: float) -> float:
-        return self.amounts.pop(0)
-
-    def random(self) -> float:
-        return self.randoms.pop(0)
 
 
 # -------------------------------------------------------- exact cv2 resize of a window (fast path)
