@@ -48,7 +48,6 @@ from conftest import FIXTURES  # noqa: E402
 from conftest import fixture_model  # noqa: E402
 from unet_jax.losses import segmentation_loss  # noqa: E402
 from unet_jax.models import build_model, layers  # noqa: E402
-from unet_jax.step import create_train_state, make_train_step  # noqa: E402
 
 VARIANTS = {"fcn_drive": ("fcn_drive", ""), "pspnet_drive": ("pspnet_drive", ""),
             "fcn_drive_ce1_dice3": ("fcn_drive", ",ce_dice")}
@@ -223,24 +222,15 @@ def grad_err(g: dict, ref: dict) -> tuple[float, str]:
 # ---------------------------------------------------------------------------------------------
 # End to end: parameters after the jitted train step.
 
-def run_steps(variant: str, dtype: str, iters: int = 2):
-    """[(params under state_dict keys, logs)] after each iteration, params in the run's dtype."""
-    from unet_jax.models.mmseg import _torch_key, to_torch_layout
+def run_steps(variant: str, dtype: str):
+    """[(params under state_dict keys, logs)] after iterations 1 and 2 (tests/test_train_step.py's
+    run; the state_dict arrays are float32, enough for the errors printed here)."""
+    from test_train_step import run_iterations
     with jax.enable_x64(dtype == "float64"):
-        config, model, batch = setup(variant, dtype)
-        train = create_train_state(model, config)
-        step = jax.jit(make_train_step(train, config))
-        out = []
-        for _ in range(iters):
-            train.state = step(train.state, batch)
-            logs = train.read_logs()
-            train.reset_logs()
-            params = {}
-            for k, v in flat(nnx.state(train.model(), nnx.Param)).items():
-                tk = _torch_key(tuple(k.split(".")))
-                params[tk] = to_torch_layout(tk, v)
-            out.append((params, {**logs["means"], "lr": logs["lr"]}))
-    return out
+        _, out, _, _ = run_iterations(FIXTURES, variant, dtype)
+    keep = lambda sd: {k: v.astype(np.float64) for k, v in sd.items() if "running" not in k
+                       and not k.endswith("num_batches_tracked")}
+    return [(keep(sd), logs) for logs, sd in out]
 
 
 def end_to_end(variant: str) -> None:
