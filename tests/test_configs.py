@@ -122,6 +122,7 @@ def test_overrides_are_parsed_and_typed():
     ("model.dec_num_convs", (2, 2, 2), "model.dec_num_convs: expected a tuple of 4 integers"),
     ("train.momentum", 1.0, "train.momentum: expected a number >= 0.0 and < 1.0"),
     ("data.ratio_range", (2.0, 0.5), "data.ratio_range: expected (low, high)"),
+    ("train.keep_checkpoints", 1, "train.keep_checkpoints: expected 0 (all) or at least 2"),
 ])
 def test_check_config_names_the_bad_field(field, value, message):
     c = load_config("configs/drive.py")

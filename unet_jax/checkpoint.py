@@ -4,7 +4,7 @@ Layout of a workdir:
   checkpoints/<step>/model/   nnx.state(model): parameters and BatchNorm statistics (the item a
                               weights folder holds, so `unet_jax.weights.load` reads any step)
   checkpoints/<step>/train/   nnx.state of the optimizer (step, optax state) and the log sums
-  checkpoints/<step>/meta/    JSON: the step
+  checkpoints/<step>/meta/    JSON: the step and the digest of each item's arrays
   best/<step>/{model,meta}/   the weights of the best validation score (`eval.metric`), with the
                               evaluation summary, classes and palette in `meta`
 
@@ -15,10 +15,16 @@ uninterrupted run exactly.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import re
+import shutil
 import signal
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +32,14 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from unet_jax.errors import CheckpointError
+from unet_jax.errors import CheckpointError, DamagedCheckpointError, one_line, warn
+from unet_jax.parallel import sync
 from unet_jax.step import LOGS, MODEL, OPTIMIZER, TrainState
-from unet_jax.weights import BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, restore_state
+from unet_jax.weights import (BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, digest,
+                              restore_state, verify)
 
 TRAIN_ITEM = "train"
+DAMAGED_DIR, DIVERGED_DIR = "damaged", "diverged"
 _ITEMS = (MODEL_ITEM, TRAIN_ITEM, META_ITEM)
 _BEST_ITEMS = (MODEL_ITEM, META_ITEM)
 
@@ -41,6 +50,34 @@ def _train_part(state: Any) -> dict[str, Any]:
 
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """Turn orbax's and tensorstore's wrapped OS errors (disk full, read-only, ...) into one
+    `CheckpointError` naming the folder and the OS error."""
+    try:
+        yield
+    except OSError as err:
+        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
+                              f"{err.strerror or one_line(err)}") from err
+    except Exception as err:  # tensorstore reports errno inside a ValueError's message
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        if code is None:
+            raise
+        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
+                              f"{os.strerror(int(code.group(1)))}") from err
+
+
+def _check_space(directory: Path, tree: Any) -> None:
+    """Refuse a save that cannot fit on the disk (a clear error before orbax starts)."""
+    need = sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+    probe = directory if directory.exists() else directory.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
+                              f"{os.strerror(errno.ENOSPC)} (needs {need >> 20} MiB, "
+                              f"{free >> 20} MiB free)")
 
 
 # --------------------------------------------------------------------------- preemption
@@ -95,6 +132,8 @@ class TrainCheckpoints:
         workdir = Path(workdir).absolute()
         self.directory = workdir / CHECKPOINTS_DIR
         self.best_directory = workdir / BEST_DIR
+        self.damaged_directory = workdir / DAMAGED_DIR
+        self.diverged_directory = workdir / DIVERGED_DIR
         self.metric = metric
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, options=ocp.CheckpointManagerOptions(
@@ -111,37 +150,79 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, train: TrainState, step: int) -> bool:
-        """Start saving the state of `step` (asynchronously); False if that step exists."""
+        """Start saving the state of `step` (asynchronously); False if that step exists.
+
+        The digests of the model and training arrays go into `meta`, so that a restore notices
+        any damage. The caller checks that the state is finite first.
+        """
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(step, force=True, args=ocp.args.Composite(**{
-            MODEL_ITEM: ocp.args.StandardSave(train.state[MODEL]),
-            TRAIN_ITEM: ocp.args.StandardSave(_train_part(train.state)),
-            META_ITEM: ocp.args.JsonSave({"step": step}),
-        }))
+        train_part = _train_part(train.state)
+        _check_space(self.directory, train.state)
+        meta = {"step": step, "digest": {MODEL_ITEM: digest(train.state[MODEL]),
+                                         TRAIN_ITEM: digest(train_part)}}
+        with _writing(self.directory):
+            return self.manager.save(step, force=True, args=ocp.args.Composite(**{
+                MODEL_ITEM: ocp.args.StandardSave(train.state[MODEL]),
+                TRAIN_ITEM: ocp.args.StandardSave(train_part),
+                META_ITEM: ocp.args.JsonSave(meta),
+            }))
 
-    def restore(self, train: TrainState, step: int) -> None:
-        """Restore checkpoint `step` into `train.state` (structure and shardings kept).
+    def restore(self, train: TrainState) -> int | None:
+        """Restore the newest intact checkpoint into `train.state`; returns its step (None: none).
 
-        Best checkpoints newer than the restored step (written by a run killed before its next
-        periodic save) are removed, so a resumed run rewrites them exactly as the uninterrupted
-        run did.
+        A damaged checkpoint (unreadable, or arrays that do not match the recorded digest) is
+        reported by name and moved to `<workdir>/damaged/` (kept for inspection, out of the way
+        of the new save of that step), and the one before it is tried. If none is intact, one
+        `CheckpointError` says so. Best checkpoints newer than the restored step (written by a
+        run killed before its next periodic save) are removed, so a resumed run rewrites them
+        exactly as the uninterrupted run did.
         """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            try:
+                self._restore(train, step)
+            except DamagedCheckpointError as err:
+                damaged.append(one_line(err))
+                target = self.set_aside(step, self.damaged_directory)
+                warn(f"{one_line(err)}; moved to {target}; resuming from the checkpoint before "
+                     "it")
+                continue
+            for old in self.best.all_steps():
+                if old > step:
+                    self.best.delete(old)
+            return step
+        if damaged:
+            raise CheckpointError(f"{self.directory}: no intact checkpoint to resume from "
+                                  f"({len(damaged)} damaged, moved to {self.damaged_directory}: "
+                                  + "; ".join(damaged) + "); start a new --workdir")
+        return None
+
+    def _restore(self, train: TrainState, step: int) -> None:
         folder = self.directory / str(step)
         model = restore_state(folder, train.state[MODEL])
         like = _train_part(train.state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                TRAIN_ITEM: ocp.args.StandardRestore(_abstract(like))}))
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{folder}: the optimiser state cannot be restored into the "
-                                  f"one built from the config: {err}") from err
+                TRAIN_ITEM: ocp.args.StandardRestore(_abstract(like))}))[TRAIN_ITEM]
+        except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
+            raise DamagedCheckpointError(f"{folder / TRAIN_ITEM}: cannot be read back "
+                                         f"({type(err).__name__}: {one_line(err)})") from err
+        verify(folder, TRAIN_ITEM, restored)
         train.state[MODEL] = model
-        train.state[OPTIMIZER] = restored[TRAIN_ITEM]["optimizer"]
-        train.state[LOGS] = restored[TRAIN_ITEM]["logs"]
-        for old in self.best.all_steps():
-            if old > step:
-                self.best.delete(old)
+        train.state[OPTIMIZER] = restored["optimizer"]
+        train.state[LOGS] = restored["logs"]
+
+    def set_aside(self, step: int, where: Path) -> Path:
+        """Move checkpoint `step` out of the manager's way into `where` (kept, not deleted)."""
+        target = where / f"{CHECKPOINTS_DIR}_{step}_{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        sync("unet_jax:set_aside_checkpoint")
+        self.manager.reload()
+        return target
 
     def save_best(self, train: TrainState, step: int, summary: Mapping[str, Any],
                   meta: Mapping[str, Any]) -> None:
@@ -153,11 +234,14 @@ class TrainCheckpoints:
             return
         if step in self.best.all_steps():
             return
-        self.best.save(step, force=True, metrics={self.metric: float(value)},
-                       args=ocp.args.Composite(**{
-                           MODEL_ITEM: ocp.args.StandardSave(train.state[MODEL]),
-                           META_ITEM: ocp.args.JsonSave(dict(meta, step=step, metric=self.metric,
-                                                             summary=dict(summary)))}))
+        _check_space(self.best_directory, train.state[MODEL])
+        with _writing(self.best_directory):
+            self.best.save(step, force=True, metrics={self.metric: float(value)},
+                           args=ocp.args.Composite(**{
+                               MODEL_ITEM: ocp.args.StandardSave(train.state[MODEL]),
+                               META_ITEM: ocp.args.JsonSave(dict(
+                                   meta, step=step, metric=self.metric, summary=dict(summary),
+                                   digest={MODEL_ITEM: digest(train.state[MODEL])}))}))
 
     def best_step(self) -> int | None:
         """Step of the best checkpoint kept so far."""
@@ -165,10 +249,12 @@ class TrainCheckpoints:
 
     def wait(self) -> None:
         """Block until every pending save is committed."""
-        self.manager.wait_until_finished()
-        self.best.wait_until_finished()
+        with _writing(self.directory):
+            self.manager.wait_until_finished()
+            self.best.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release the managers."""
-        self.manager.close()
-        self.best.close()
+        with _writing(self.directory):
+            self.manager.close()
+            self.best.close()

@@ -260,6 +260,8 @@ def _check_train(c: Any) -> None:
     for field in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every",
                   "seed", "num_overlays"):
         _int(c, f"train.{field}", 0)
+    if _get(c, "train.keep_checkpoints") == 1:  # the newest may lead into a divergence
+        raise _fail("train.keep_checkpoints", "0 (all) or at least 2", 1)
     lr = _float(c, "train.lr", 0.0, low_open=True)
     _float(c, "train.lr_min", 0.0, lr)
     _float(c, "train.power", 0.0, low_open=True)

@@ -7,6 +7,8 @@ line on stderr with exit code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A mistake the user can fix; its message is one self-contained line."""
@@ -28,12 +30,28 @@ class UnsafeCheckpointError(CheckpointError):
     """A .pth asks to import or call something outside the reader's allowlist."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint folder cannot be read back as it was written (unreadable, or its arrays do
+    not match the digest recorded when it was saved)."""
+
+
 class InputError(UserError, ValueError):
     """A command-line input (image, folder, output path) cannot be used as given."""
 
 
 class WorkdirError(UserError):
     """The run folder cannot be used: locked by another run, or holding another model."""
+
+
+class DivergenceError(UserError, FloatingPointError):
+    """Training produced non-finite values (loss, parameters or BatchNorm statistics)."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (process 0 only)."""
+    import jax
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def one_line(err: BaseException) -> str:

@@ -22,16 +22,13 @@ from flax import nnx
 
 from unet_jax import checkpoint, parallel, weights
 from unet_jax.config import check_config
-from unet_jax.errors import CheckpointError, WorkdirError
+from unet_jax.errors import CheckpointError, DivergenceError, WorkdirError
+from unet_jax.lock import WorkdirLock
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
-from unet_jax.step import MODEL, TrainState, create_train_state, make_train_step
+from unet_jax.step import MODEL, OPTIMIZER, TrainState, create_train_state, make_train_step
 
 CONFIG_FILE = "config.json"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 class Preempted(Exception):
@@ -154,26 +151,76 @@ def _finished_summary(log: MetricsLog, config: Any, train: TrainState, val_ds: A
 
 # --------------------------------------------------------------------------- training
 
+def _divergence(step: int, logs: dict[str, Any], bad: dict[str, int],
+                ckpts: checkpoint.TrainCheckpoints) -> DivergenceError:
+    """The error for non-finite training values, naming the last good checkpoint.
+
+    Nothing non-finite is ever saved, but a finite checkpoint can still lead into the
+    divergence: the one of step f - 1 when the loss of step f is the first non-finite one. Such
+    checkpoints are moved to `<workdir>/diverged/` (kept), so that the same command with a lower
+    learning rate resumes from the last good one.
+    """
+    ckpts.wait()
+    what = []
+    last_good = step
+    if logs["first_nonfinite"] >= 0:
+        first = logs["first_nonfinite"] + 1  # the step whose loss is the first non-finite one
+        what.append(f"the loss is not finite from step {first}")
+        last_good = first - 2  # its parameters came from step first - 1
+    if bad:
+        names = ", ".join(f"{k} ({n})" for k, n in sorted(bad.items())[:4])
+        what.append(f"{sum(bad.values())} non-finite values in parameters or BatchNorm "
+                    f"statistics: {names}{', ...' if len(bad) > 4 else ''}")
+    moved = [ckpts.set_aside(s, ckpts.diverged_directory)
+             for s in sorted(ckpts.manager.all_steps()) if s > last_good]
+    latest = ckpts.latest_step()
+    aside = (f"; the checkpoints after it, which lead into the divergence, were moved to "
+             f"{ckpts.diverged_directory}" if moved else "")
+    if latest is None:
+        advice = ("no checkpoint precedes the divergence" + aside.replace("after it", "made")
+                  + ": start again with a lower --config.train.lr")
+    else:
+        advice = (f"the last good checkpoint is {ckpts.directory / str(latest)} (step {latest}, "
+                  f"all finite){aside}: run the same command with a lower --config.train.lr to "
+                  "resume from it")
+    return DivergenceError(f"training diverged by step {step}: {'; '.join(what)}; {advice}")
+
+
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Train `config` in `workdir` (resuming if it holds checkpoints); returns the final summary.
 
     Writes `metrics.jsonl`, TensorBoard events, `checkpoints/`, `best/`, `overlays/step_<N>/`,
-    `training_curves.png` and `config.json` into `workdir`. Raises `NonFiniteLossError` if the
-    loss stops being finite and `Preempted` after saving on SIGTERM.
+    `training_curves.png` and `config.json` into `workdir`, which one run holds at a time.
+    Raises `DivergenceError` if the loss, a parameter or a BatchNorm statistic stops being
+    finite (nothing non-finite is ever checkpointed) and `Preempted` after saving on SIGTERM.
     """
-    # ---- set-up: everything that can fail on the user's input fails here, before any work
     check_config(config)
     workdir = Path(workdir).absolute()
+    lock = WorkdirLock(workdir)
+    error = None
+    if parallel.is_main_process():
+        try:
+            lock.acquire()
+        except WorkdirError as err:
+            error = err
+    if int(parallel.broadcast_from_main(np.int32(error is None))) != 1:
+        raise error or WorkdirError(f"{workdir} is in use by another run (see process 0)")
+    try:
+        return _train_and_evaluate(config, workdir)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
+    # ---- set-up: everything that can fail on the user's input fails here, before any work
     main = parallel.is_main_process()
     t = config.train
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
     local_batch = parallel.check_batch_size(t.batch_size, mesh)
     ckpts = checkpoint.TrainCheckpoints(workdir, keep=t.keep_checkpoints,
                                         metric=config.eval.metric)
-    resume_step = ckpts.latest_step()
-    if resume_step is not None:
+    has_checkpoints = ckpts.latest_step() is not None
+    if has_checkpoints:
         _check_same_model(workdir, config)
     if main:
         print(f"{workdir}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
@@ -183,17 +230,16 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     # ---- the model, its optimiser and the jitted step
     model = _build(config)
-    if resume_step is None and config.init_from:
+    if not has_checkpoints and config.init_from:
         info = weights.load(model, config.init_from)
         if main:
             print(f"initialised from {info['source']}")
     train = create_train_state(model, config)
     del model
     train.state = parallel.replicate(train.state, mesh)
-    if resume_step is not None:
-        ckpts.restore(train, resume_step)
-        if main:
-            print(f"resuming {workdir} from step {resume_step}")
+    resume_step = ckpts.restore(train) if has_checkpoints else None
+    if resume_step is not None and main:
+        print(f"resuming {workdir} from step {resume_step}")
     if main:
         (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
     parallel.sync("unet_jax:workdir")
@@ -233,15 +279,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             if not (do_log or do_eval or do_ckpt):
                 continue
             logs = train.read_logs()  # the one host sync between log steps
-            if logs["first_nonfinite"] >= 0:
-                ckpts.wait()
-                latest = ckpts.latest_step()
-                good = (f"{ckpts.directory / str(latest)} (step {latest})" if latest is not None
-                        else "none (no checkpoint was committed)")
-                raise NonFiniteLossError(
-                    f"training loss is not finite at step {logs['first_nonfinite'] + 1} (mean "
-                    f"terms since the last log line: {logs['means']}); the last good checkpoint "
-                    f"is {good}; lower train.lr or check the data")
+            bad = weights.nonfinite({"model": train.state[MODEL],
+                                     "optimizer": train.state[OPTIMIZER]})
+            if logs["first_nonfinite"] >= 0 or bad:
+                raise _divergence(step, logs, bad, ckpts)
             if do_log:
                 now = time.perf_counter()
                 rate = (step - tic_step) * t.batch_size / max(now - tic, 1e-9)

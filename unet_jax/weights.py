@@ -13,17 +13,20 @@ Loading is strict: every missing, unexpected or mis-shaped entry is reported at 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from unet_jax.errors import CheckpointError, InputError
+from unet_jax.errors import (CheckpointError, DamagedCheckpointError, InputError, one_line,
+                             warn)
 from unet_jax.models import mmseg
 from unet_jax.models.pth import load_pth, max_bytes_for
 
@@ -61,9 +64,11 @@ def save(directory: str | Path, model: nnx.Module, meta: dict[str, Any]) -> Path
     if directory.exists():
         directory.rmdir()  # orbax writes a temporary folder and renames it into place
     directory.parent.mkdir(parents=True, exist_ok=True)
+    state = model_state(model)
+    meta = {**meta, "digest": {MODEL_ITEM: digest(state)}}
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     checkpointer.save(directory, args=ocp.args.Composite(**{
-        MODEL_ITEM: ocp.args.StandardSave(model_state(model)),
+        MODEL_ITEM: ocp.args.StandardSave(state),
         META_ITEM: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str)))}))
     checkpointer.close()
     return directory
@@ -97,23 +102,56 @@ def export_pth(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
     return path
 
 
-# ------------------------------------------------------------------------------ reading
-def find(path: str | Path) -> tuple[Path, int | None]:
-    """The folder holding `model/` that `path` names, and its training step (None if none).
+# ------------------------------------------------------------------------------ digests
+def digest(tree: Any) -> str:
+    """sha256 over every array of `tree` (path, dtype, shape and bytes, in path order).
 
-    Accepts a weights folder or step folder, a manager folder (its newest committed step) or a
-    training workdir (its newest periodic checkpoint).
+    Recorded in a checkpoint's `meta` when it is saved and checked when it is read back, so a
+    damaged array (a flipped byte, a truncated file) is noticed instead of trained on.
+    """
+    h = hashlib.sha256()
+    for name, leaf in sorted(flat_paths(tree).items()):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)  # replicated: every process holds all of it
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def nonfinite(tree: Any) -> dict[str, int]:
+    """{path: number of NaN/inf values} of the floating-point arrays of `tree` that have any."""
+    counts = _count_nonfinite(tree)
+    return {k: int(v) for k, v in flat_paths(jax.device_get(counts)).items() if int(v)}
+
+
+@jax.jit
+def _count_nonfinite(tree: Any) -> Any:
+    def count(x: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.zeros((), jnp.int32)
+        return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+    return jax.tree.map(count, tree)
+
+
+# ------------------------------------------------------------------------------ reading
+def candidates(path: str | Path) -> list[tuple[Path, int | None]]:
+    """The folders holding `model/` that `path` names, newest first, with their steps.
+
+    A weights folder or step folder names itself; a manager folder (`<workdir>/checkpoints`)
+    or a training workdir names its committed steps, so that a damaged newest one can be passed
+    over for the one before.
     """
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (expected an mmseg .pth, a weights "
                               "folder from unet_jax.convert or a training workdir)")
     if (path / MODEL_ITEM).is_dir():
-        return path, int(path.name) if path.name.isdigit() else None
+        return [(path, int(path.name) if path.name.isdigit() else None)]
     for directory in (path / CHECKPOINTS_DIR, path):
         steps = committed_steps(directory)
         if steps:
-            return directory / str(steps[-1]), steps[-1]
+            return [(directory / str(s), s) for s in reversed(steps)]
     raise CheckpointError(
         f"{path}: expected a weights folder (with {MODEL_ITEM}/), a training workdir (with "
         f"{CHECKPOINTS_DIR}/<step>/) or a checkpoint manager folder; found none of these")
@@ -130,19 +168,39 @@ def committed_steps(directory: Path) -> list[int]:
 def read_meta(folder: str | Path) -> dict[str, Any]:
     """The JSON `meta/` item of a weights or step folder ({} if it has none)."""
     item = Path(folder) / META_ITEM / "metadata"
-    return json.loads(item.read_text()) if item.is_file() else {}
+    if not item.is_file():
+        return {}
+    try:
+        meta = json.loads(item.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpointError(f"{item}: unreadable ({err})") from err
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{item}: expected a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+def verify(folder: str | Path, item: str, tree: Any) -> None:
+    """Raise `DamagedCheckpointError` unless `tree` matches the digest `folder` recorded for
+    `item` (folders written before digests were recorded pass)."""
+    recorded = read_meta(folder).get("digest", {}).get(item)
+    if recorded is not None and digest(tree) != recorded:
+        raise DamagedCheckpointError(
+            f"{Path(folder) / item}: its arrays do not match the digest recorded when it was "
+            "saved (the files were changed or damaged)")
 
 
 def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
-    """The `model/` item of `folder` in the structure, dtypes and shardings of `like`.
+    """The `model/` item of `folder` in the structure, dtypes and shardings of `like`, verified.
 
-    Every missing, unexpected or mis-shaped entry is reported in one `CheckpointError`.
+    A model that does not fit is one `CheckpointError` listing every missing, unexpected or
+    mis-shaped entry; a folder that cannot be read back as written is a `DamagedCheckpointError`.
     """
     src = Path(folder) / MODEL_ITEM
     try:
         stored = flat_paths(ocp.StandardCheckpointer().metadata(src).item_metadata)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{src}: unreadable checkpoint metadata: {err}") from err
+    except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
+        raise DamagedCheckpointError(f"{src}: unreadable checkpoint metadata "
+                                     f"({type(err).__name__}: {one_line(err)})") from err
     ours = flat_paths(like)
     missing = sorted(set(ours) - set(stored))
     unexpected = sorted(set(stored) - set(ours))
@@ -158,16 +216,20 @@ def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
             + "); check --config, model.base_channels, model.head and model.num_classes")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
-        return ocp.StandardCheckpointer().restore(src, target)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{src}: cannot be restored: {err}") from err
+        restored = ocp.StandardCheckpointer().restore(src, target)
+    except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
+        raise DamagedCheckpointError(f"{src}: cannot be read back "
+                                     f"({type(err).__name__}: {one_line(err)})") from err
+    verify(folder, MODEL_ITEM, restored)
+    return restored
 
 
 def load(model: nnx.Module, source: str | Path) -> dict[str, Any]:
     """Fill `model` from any source this module reads; returns what was loaded.
 
     The result holds `source` (a sentence naming it), `path`, `step` (a training step or None)
-    and the metadata stored with the weights (`classes`, `palette`, ...).
+    and the metadata stored with the weights (`classes`, `palette`, ...). From a workdir or
+    manager folder, a damaged newest checkpoint is reported and the one before it is used.
     """
     path = Path(source).expanduser()
     if path.is_file():
@@ -176,9 +238,20 @@ def load(model: nnx.Module, source: str | Path) -> dict[str, Any]:
         mmseg.load_state_dict(model, mmseg.extract_state_dict(obj, path), source=str(path))
         return {"source": f"mmseg checkpoint {path}", "path": str(path), "step": None,
                 **mmseg.checkpoint_meta(obj)}
-    folder, step = find(path)
-    nnx.update(model, restore_state(folder, model_state(model)))
-    meta = read_meta(folder)
-    step = meta.get("step", step)
-    return {**meta, "source": f"unet_jax checkpoint {folder}", "path": str(folder),
-            "step": step}
+    found = candidates(path)
+    damaged = []
+    for folder, step in found:
+        try:
+            nnx.update(model, restore_state(folder, model_state(model)))
+            meta = read_meta(folder)
+        except DamagedCheckpointError as err:
+            if len(found) == 1:
+                raise
+            warn(f"{one_line(err)}; trying the checkpoint before it")
+            damaged.append(one_line(err))
+            continue
+        step = meta.get("step", step)
+        return {**meta, "source": f"unet_jax checkpoint {folder}", "path": str(folder),
+                "step": step}
+    raise CheckpointError(f"{path}: no intact checkpoint ({len(damaged)} damaged: "
+                          + "; ".join(damaged) + ")")

@@ -1,0 +1,190 @@
+"""Run folders that protect their work: damaged checkpoints are detected and passed over, nothing
+non-finite is committed, one run per workdir, no resume into another model, OS errors in one
+line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, read_metrics
+from unet_jax import weights
+from unet_jax.errors import CheckpointError, DamagedCheckpointError, DivergenceError, WorkdirError
+from unet_jax.lock import LOCK_FILE, WorkdirLock
+from unet_jax.train import train_and_evaluate
+
+STEPS = dict(num_steps=6, log_every=2, eval_every=6, checkpoint_every=2, keep_checkpoints=0)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, run_env):
+    """A finished tiny run with checkpoints 2, 4, 6 (and its config builder)."""
+    from conftest import tiny_config
+
+    def make(**train):
+        return tiny_config(TINY, {"data.tfds_data_dir": run_env["UNET_JAX_TEST_TFDS"],
+                                  **{f"train.{k}": v for k, v in {**STEPS, **train}.items()}})
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train_and_evaluate(make(), run)
+    return run, make
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(run, target)
+    return target
+
+
+def _largest_data_file(folder: Path) -> Path:
+    files = [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+    files = files or [p for p in folder.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _steps(run: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_flipped_byte_is_detected_and_resume_falls_back(finished, tmp_path, capfd):
+    run, make = finished
+    copy = _copy(run, tmp_path)
+    data = _largest_data_file(copy / "checkpoints" / "6" / "model")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(DamagedCheckpointError, match="checkpoints/6/model"):
+        weights.restore_state(copy / "checkpoints" / "6", _model_state(make))
+    train_and_evaluate(make(), copy)  # resumes from 4 and trains 5, 6 again
+    err = capfd.readouterr().err
+    assert "checkpoints/6" in err and "resuming from the checkpoint before it" in err
+    assert _steps(copy) == [2, 4, 6]
+    moved = list((copy / "damaged").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("checkpoints_6_")  # kept, not deleted
+    assert read_metrics(copy) == read_metrics(run)
+
+
+def test_an_unreadable_checkpoint_falls_back_and_none_intact_is_one_error(finished, tmp_path):
+    run, make = finished
+    copy = _copy(run, tmp_path)
+    for step in (4, 6):  # truncated array data
+        data = _largest_data_file(copy / "checkpoints" / str(step) / "train")
+        data.write_bytes(data.read_bytes()[:10])
+    train_and_evaluate(make(), copy)
+    assert read_metrics(copy) == read_metrics(run)
+    assert sorted(p.name.split("_")[1] for p in (copy / "damaged").iterdir()) == ["4", "6"]
+    for step in _steps(copy):  # now damage every checkpoint
+        (copy / "checkpoints" / str(step) / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
+        train_and_evaluate(make(), copy)
+
+
+def _model_state(make):
+    from unet_jax.models import build_model
+    return weights.model_state(build_model(make().model))
+
+
+def test_weights_load_from_a_workdir_passes_over_a_damaged_newest(finished, tmp_path):
+    run, make = finished
+    copy = _copy(run, tmp_path)
+    (copy / "checkpoints" / "6" / "meta" / "metadata").write_text(json.dumps(
+        {"step": 6, "digest": {"model": "0" * 64}}))
+    from unet_jax.models import build_model
+    info = weights.load(build_model(make().model), copy)
+    assert info["step"] == 4 and info["path"].endswith("checkpoints/4")
+
+
+def test_nonfinite_batchnorm_statistics_are_never_committed(finished, tmp_path, monkeypatch):
+    """The loss stays finite while a BatchNorm variance becomes inf (as at lr 100): the run stops
+    with an error naming it and the last finite checkpoint, and commits neither it nor best."""
+    _, make = finished
+    from unet_jax import train as train_module
+    real = train_module.make_train_step
+
+    def poisoned(train, config):
+        step_fn = real(train, config)
+
+        def step(state, batch):
+            state = step_fn(state, batch)
+            var = state[0]["backbone"]["encoder"][0][0]["convs"][0]["bn"]["var"]
+            count = state[1]["step"][...]
+            var[...] = jnp.where(count >= 3, jnp.inf, var[...])
+            return state
+        return step
+
+    monkeypatch.setattr(train_module, "make_train_step", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(DivergenceError, match=r"encoder/0/0/convs/0/bn/var.*checkpoints/2 "
+                                              r"\(step 2, all finite\)") as err:
+        train_and_evaluate(make(), run)
+    assert "the loss is not finite" not in str(err.value)
+    assert _steps(run) == [2] and not list((run / "best").glob("[0-9]*"))
+
+
+def test_one_run_per_workdir(tmp_path, finished):
+    _, make = finished
+    run = tmp_path / "run"
+    with WorkdirLock(run):
+        with pytest.raises(WorkdirError, match=rf"in use by another run \(pid {os.getpid()}"):
+            train_and_evaluate(make(), run)
+    assert not (run / "metrics.jsonl").exists()
+    # A lock left by a run that was killed (its pid is gone) is taken over.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    import socket
+    (run / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
+                                             "since": "then"}))
+    lock = WorkdirLock(run)
+    lock.acquire()
+    assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_resume_with_another_model_is_refused_with_a_diff(finished, tmp_path):
+    run, make = finished
+    copy = _copy(run, tmp_path)
+    before = (copy / "config.json").read_text()
+    other = make()
+    other.model.base_channels = 8
+    other.model.head = "pspnet"
+    with pytest.raises(WorkdirError, match=r"model.base_channels: 4 in the workdir, 8 now; "
+                                           r"model.head: 'fcn' in the workdir, 'pspnet' now"):
+        train_and_evaluate(other, copy)
+    assert (copy / "config.json").read_text() == before
+
+
+def _mount(tmp_path: Path, options: str) -> Path:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    return mount
+
+
+@pytest.mark.parametrize("options,message", [("size=3m", "No space left on device"),
+                                             ("size=3m,ro", "Read-only file system")])
+def test_a_full_or_read_only_disk_is_one_line_with_the_os_error(tmp_path, run_env, options,
+                                                                 message):
+    mount = _mount(tmp_path, options)  # root only; skipped where mounting is not allowed
+    try:
+        cmd = [sys.executable, "-m", "unet_jax.main", f"--config={TINY}",
+               f"--workdir={mount / 'run'}", "--jax_cache_dir=",
+               "--config.model.base_channels=32", "--config.train.checkpoint_every=1"]
+        done = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("unet_jax.main: error:") and message in last, last
+    assert "Traceback" not in done.stderr
