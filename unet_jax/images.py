@@ -1,0 +1,130 @@
+"""Reading an image file exactly as mmseg reads it: the one image reader of predict and the API.
+
+mmseg's `LoadImageFromFile` reads the file's bytes and decodes them with
+`mmcv.imfrombytes(buf, flag="color", backend="cv2")`, i.e. `cv2.imdecode(buf, cv2.IMREAD_COLOR)`
+(BGR); its data preprocessor then swaps BGR to RGB. `read_rgb` does the same, so predict on a
+file sees the pixels mmseg would see. What that means for unusual files (all cv2's rules):
+
+* the EXIF orientation (JPEG, PNG eXIf, WebP, TIFF) is applied: a portrait photo stored
+  landscape with orientation 6 or 8 comes out portrait;
+* 16-bit samples become 8-bit by keeping the high byte (`value >> 8`), not by clipping;
+* grey, grey + alpha and palette images are expanded to 3 channels, alpha is dropped;
+* an animated GIF or multi-page TIFF gives its first frame / page;
+* 32-bit samples (float or integer TIFFs) are refused: cv2 cannot decode them with
+  IMREAD_COLOR ("can not handle images with 32-bit samples"), so neither can mmseg; convert them
+  to 8 or 16 bits first.
+
+Files cv2 cannot decode but PIL can (with OpenCV builds that lack a GIF decoder that is GIF,
+which mmseg cannot read at all) fall back to PIL: the first frame, EXIF orientation applied,
+converted to RGB; only for 8-bit PIL modes, so the 32-bit rule above still holds.
+
+Decompression bombs: before anything is decoded, the size declared in the file header (read by
+PIL, which parses headers without decoding pixels) is checked against `MAX_PIXELS`. For formats
+PIL cannot parse, cv2's own header check applies (`OPENCV_IO_MAX_IMAGE_PIXELS`, default 2**30
+pixels, read when cv2 is first imported) and the decoded size is checked against `MAX_PIXELS`.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from unet_jax.errors import InputError
+
+# What predict looks for in folders (a file given by name may be any format cv2 or PIL reads).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".ppm", ".bmp")
+# The largest image read_rgb decodes: 2**27 pixels (about 11585 x 11585; 384 MiB as uint8 RGB).
+MAX_PIXELS = 1 << 27
+# PIL modes whose samples are 8-bit; only these may take the PIL fallback.
+_PIL_8BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                   "YCbCr", "LAB", "HSV")
+
+
+class ImageReadError(InputError):
+    """An input file could not be decoded as an image (or is too large to decode safely)."""
+
+
+def header_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int] | None:
+    """(height, width) that the header of `path` declares, or None if PIL cannot parse it.
+
+    Raises `ImageReadError` if the declared size is above `max_pixels` (nothing is decoded).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"{path}: refusing to decode: the header declares an image far "
+                             f"above the cap of {max_pixels} pixels ({err})") from err
+    except Exception:  # noqa: BLE001 -- not a format PIL knows, or a damaged header: cv2 decides
+        return None
+    _check_pixels(path, height, width, max_pixels)
+    return height, width
+
+
+def _check_pixels(path: Path, height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageReadError(f"{path}: refusing to decode: the image is {height} x {width} = "
+                             f"{height * width} pixels, above the cap of {max_pixels} pixels "
+                             "(unet_jax.images.MAX_PIXELS); a decompression bomb, or an image "
+                             "to tile first")
+
+
+def _cv2_decode(buf: np.ndarray) -> np.ndarray | None:
+    """cv2.imdecode(buf, IMREAD_COLOR) with cv2's own warnings silenced; None if it fails."""
+    logging = cv2.utils.logging
+    previous = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    finally:
+        logging.setLogLevel(previous)
+
+
+def _pil_decode(path: Path) -> np.ndarray:
+    """The PIL fallback: first frame, EXIF orientation applied, RGB; 8-bit modes only."""
+    with Image.open(path) as img:
+        img.seek(0)
+        if img.mode not in _PIL_8BIT_MODES:
+            raise ImageReadError(
+                f"{path}: cannot read: cv2 (mmseg's decoder) cannot decode it, and its samples "
+                f"are {img.mode!r} (not 8-bit; 32-bit float/integer images are not supported "
+                "by cv2 either); convert it to an 8- or 16-bit image")
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of an image file, decoded exactly as mmseg decodes it (see module).
+
+    Raises `ImageReadError` (an `InputError`) naming the file if it cannot be read, cannot be
+    decoded, or declares more than `max_pixels` pixels.
+    """
+    path = Path(path)
+    header_size(path, max_pixels)
+    try:
+        buf = np.fromfile(path, np.uint8)
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot read: {err.strerror or err}") from err
+    bgr = _cv2_decode(buf) if buf.size else None
+    if bgr is not None:
+        rgb = bgr[..., ::-1] if bgr.ndim == 3 else np.repeat(bgr[..., None], 3, axis=-1)
+    else:
+        try:
+            rgb = _pil_decode(path)
+        except ImageReadError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- PIL's decoders raise many types on bad data
+            raise ImageReadError(f"{path}: cannot read as an image (cv2 and PIL both fail; "
+                                 f"expected e.g. {', '.join(IMAGE_SUFFIXES)}): {err}") from err
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+        raise ImageReadError(f"{path}: expected an 8-bit H x W x 3 image after decoding, found "
+                             f"{rgb.dtype} {rgb.shape}")
+    _check_pixels(path, rgb.shape[0], rgb.shape[1], max_pixels)
+    return np.ascontiguousarray(rgb)
