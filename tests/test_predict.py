@@ -1,4 +1,5 @@
-"""predict CLI: label PNGs, overlays, logits; --save_logits parity with mmseg on DRIVE 01_test."""
+"""predict: label PNGs, overlays, logits; safe outputs; mmseg's decoding; any aspect ratio;
+unreadable files skipped; --save_logits parity with mmseg (and the Segmenter) on DRIVE 01_test."""
 from __future__ import annotations
 
 import os
@@ -6,14 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import DATA, FIXTURES, REPO, require_shared, tiny_config
-from unet_jax import convert, predict, weights
+from test_images import png_header
+from unet_jax import Segmenter, convert, predict, weights
 from unet_jax.errors import CheckpointError, InputError
+from unet_jax.images import read_rgb
 from unet_jax.models import build_model
+from unet_jax.sizes import rescale_size
 
 TINY = ["--config.model.base_channels=8", "--config.model.head_channels=8"]
 
@@ -29,13 +34,20 @@ def pth() -> Path:
 
 
 @pytest.fixture(scope="module")
+def segmenter(pth: Path) -> Segmenter:
+    """One model for the module: the fcn_drive fixture at its tiny widths."""
+    return Segmenter.load(fcn_config(), pth)
+
+
+@pytest.fixture(scope="module")
 def drive_01() -> Path:
     return require_shared(DATA / "DRIVE" / "test" / "images" / "01_test.tif")
 
 
 def check_outputs(out: Path, stem: str, hw: tuple[int, int], with_logits: bool) -> np.ndarray:
     label_img = Image.open(out / f"{stem}.png")
-    assert label_img.mode == "P"
+    assert label_img.mode == "P" and label_img.info["Software"] == "unet_jax.predict"
+    assert label_img.info["Description"] == f"label map of {stem}"
     assert label_img.getpalette()[:6] == [120, 120, 120, 6, 230, 230]
     label = np.asarray(label_img)
     assert label.shape == hw and set(np.unique(label)) <= {0, 1}
@@ -50,41 +62,148 @@ def check_outputs(out: Path, stem: str, hw: tuple[int, int], with_logits: bool) 
     return label
 
 
-def test_predict_crop_and_odd_sizes(tmp_path: Path, pth: Path, drive_01: Path):
-    rgb = np.asarray(Image.open(drive_01).convert("RGB"))
+def test_predict_crop_and_odd_sizes(tmp_path: Path, segmenter: Segmenter, drive_01: Path):
+    rgb = read_rgb(drive_01)
     inputs = tmp_path / "in"
     (inputs / "sub").mkdir(parents=True)
     Image.fromarray(rgb[150:350, 10:190]).save(inputs / "crop.png")
     Image.fromarray(rgb[300:337, 200:253]).save(inputs / "sub" / "odd.jpg")  # 37 x 53
     (inputs / "notes.txt").write_text("not an image, skipped in folders")
-    config = fcn_config()
-    out = tmp_path / "out"
-    written = predict.predict_files(config, pth, [inputs], out, save_logits=True, progress=False)
-    assert [r["input"].name for r in written] == ["crop.png", "odd.jpg"]
+    out = inputs / "pred"  # inside the input folder: not searched for inputs
+    for _ in range(2):  # the rerun replaces its own outputs
+        report = predict.predict_files(segmenter, [inputs], out, save_logits=True,
+                                       progress=False)
+        assert [r.input.name for r in report.written] == ["crop.png", "odd.jpg"]
+        assert not report.failed
     crop = check_outputs(out, "crop", (200, 180), True)
     assert 0 < crop.mean() < 1  # both classes present (the tiny model is untrained)
     check_outputs(out, "odd", (37, 53), True)
     # without the test-pipeline resize: 37x53 < the 64x64 crop, windows padded to 48x64
     out2 = tmp_path / "out_noresize"
-    predict.predict_files(config, pth, [inputs / "sub" / "odd.jpg"], out2, resize=False,
+    predict.predict_files(segmenter, [inputs / "sub" / "odd.jpg"], out2, resize=False,
                           progress=False)
     check_outputs(out2, "odd", (37, 53), False)
 
 
-def test_predict_errors(tmp_path: Path, pth: Path):
+def test_predict_any_aspect_ratio(tmp_path: Path, segmenter: Segmenter):
+    assert rescale_size(1, 5000, (584, 565)) == (1, 584)  # mmcv: (0, 584), then cv2 fails
+    assert rescale_size(5000, 1, (584, 565)) == (584, 1)
+    line = np.random.default_rng(0).integers(0, 256, (1, 5000, 3), dtype=np.uint8)
+    Image.fromarray(line).save(tmp_path / "row.png")
+    Image.fromarray(line.transpose(1, 0, 2).copy()).save(tmp_path / "column.png")
+    out = tmp_path / "out"
+    report = predict.predict_files(segmenter, [tmp_path / "row.png", tmp_path / "column.png"],
+                                   out, progress=False)
+    assert len(report.written) == 2 and not report.failed
+    check_outputs(out, "row", (1, 5000), False)
+    check_outputs(out, "column", (5000, 1), False)
+
+
+def test_predict_decodes_like_mmseg(tmp_path: Path, segmenter: Segmenter, drive_01: Path):
+    """EXIF-rotated JPEG and 16-bit grey PNG: outputs are those of cv2's decode of the file."""
+    rgb = read_rgb(drive_01)[100:164, 200:296]  # 64 x 96
+    img = Image.fromarray(rgb)
+    exif = img.getexif()
+    exif[0x0112] = 8
+    img.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    grey16 = rgb[..., 1].astype(np.uint16) * 257 + 100
+    cv2.imwrite(str(tmp_path / "grey16.png"), grey16)
+    out = tmp_path / "out"
+    predict.predict_files(segmenter, [tmp_path / "rotated.jpg", tmp_path / "grey16.png"], out,
+                          progress=False)
+    for stem, hw in (("rotated", (96, 64)), ("grey16", (64, 96))):
+        path = next(tmp_path.glob(f"{stem}.*"))
+        decoded = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        assert decoded.shape[:2] == hw
+        label = check_outputs(out, stem, hw, False)
+        np.testing.assert_array_equal(label, segmenter.predict(decoded)[0])
+        overlay = np.asarray(Image.open(out / f"{stem}_overlay.png")).astype(np.float32)
+        colours = np.asarray(segmenter.palette, np.float32)[label]
+        np.testing.assert_allclose(overlay, np.rint(0.5 * decoded + 0.5 * colours), atol=0.51)
+
+
+def test_predict_refuses_unsafe_outputs(tmp_path: Path):
+    """Every refusal happens before anything is written (plan_outputs needs no model)."""
+    folder = tmp_path / "images"
+    (folder / "other").mkdir(parents=True)
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    for name in ("a.png", "a_overlay.png", "b.jpg", "other/b.png"):
+        Image.fromarray(pixels).save(folder / name)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def refused(inputs, output, match, **kw):
+        with pytest.raises(InputError, match=match):
+            predict.plan_outputs(inputs, output, **kw)
+
+    # --output = the input folder: a.png would be replaced by its label map
+    refused([folder / "a.png"], folder, r"images/a\.png \(an output of .*a\.png\) would "
+            r"overwrite the input .*images/a\.png")
+    # a.png's overlay and a_overlay.png's label map are the same file
+    refused([folder / "a.png", folder / "a_overlay.png"], tmp_path / "out",
+            r"inputs .*a\.png and .*a_overlay\.png would both write .*out/a_overlay\.png")
+    # the same stem in two folders; names that differ only in case
+    refused([folder / "b.jpg", folder / "other"], tmp_path / "out",
+            r"inputs .*images/b\.jpg and .*other/b\.png would both write .*out/b\.png;")
+    Image.fromarray(pixels).save(tmp_path / "B.png")
+    refused([folder / "b.jpg", tmp_path / "B.png"], tmp_path / "out",
+            r"inputs .*b\.jpg and .*B\.png would both write .*b\.png / .*B\.png")
+    (tmp_path / "file").write_text("x")
+    refused([folder / "b.jpg"], tmp_path / "file", "is an existing file")
+    # an output path holding a file predict did not write, a link, a folder
+    out = tmp_path / "out"
+    assert not out.exists()  # not even the output folder was created
+    out.mkdir()
+    (out / "b.png").write_bytes(b"someone's picture")
+    refused([folder / "b.jpg"], out, r"out/b\.png \(an output of .*b\.jpg\) exists and was not "
+            "written by unet_jax.predict")
+    (out / "b.png").unlink()
+    (out / "b.png").symlink_to(tmp_path / "elsewhere.png")
+    refused([folder / "b.jpg"], out, "is a symbolic link")
+    (out / "b.png").unlink()
+    os.link(folder / "a.png", out / "b.png")  # a hard link to an input
+    refused([folder / "b.jpg", folder / "a.png"], out, r"would overwrite the input .*a\.png")
+    (out / "b.png").unlink()
+    (out / "b_logits.npy").mkdir()
+    refused([folder / "b.jpg"], out, "exists and is not a file", save_logits=True)
+    (out / "b_logits.npy").rmdir()
+    np.save(out / "b_logits.npy", np.zeros((4, 4), np.float32))  # not H x W x C
+    refused([folder / "b.jpg"], out, r"b_logits\.npy .* not written", save_logits=True)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    # earlier predict outputs of the same stems are replaced
+    np.save(out / "b_logits.npy", np.zeros((4, 4, 2), np.float32))
+    predict.save_label_png(out / "b.png", np.zeros((4, 4), np.uint8), [[0, 0, 0], [9, 9, 9]],
+                           role="label map of b")
+    plans = predict.plan_outputs([folder / "b.jpg"], out, save_logits=True)
+    assert plans[0].paths() == [out / "b.png", out / "b_overlay.png", out / "b_logits.npy"]
+    # ... but not predict outputs of another stem: b's overlay is not the label map of b_overlay
+    predict.save_label_png(out / "b_overlay.png", np.zeros((4, 4), np.uint8), [[0, 0, 0]],
+                           role="overlay of b")
+    Image.fromarray(pixels).save(tmp_path / "b_overlay.jpg")
+    refused([tmp_path / "b_overlay.jpg"], out, "not written by unet_jax.predict as the label map "
+            "of b_overlay")
+
+
+def test_predict_skips_unreadable_files(tmp_path: Path, segmenter: Segmenter):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(predict.ImageReadError, match="broken.png"):
-        predict.predict_files(fcn_config(), pth, [bad], tmp_path / "o", progress=False)
+    (tmp_path / "bomb.png").write_bytes(png_header(100_000, 100_000))
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "good.png")
+    out = tmp_path / "o"
+    report = predict.predict_files(segmenter, [tmp_path], out, progress=False)
+    assert [r.input.name for r in report.written] == ["good.png"]
+    assert sorted(p.name for p in report.failed) == ["bomb.png", "broken.png"]
+    assert "bomb.png: refusing to decode" in report.failed[tmp_path / "bomb.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.png", "good_overlay.png"]
     with pytest.raises(InputError, match="missing.png"):
-        predict.predict_files(fcn_config(), pth, [tmp_path / "missing.png"], tmp_path / "o",
-                              progress=False)
+        predict.plan_outputs([tmp_path / "missing.png"], out)
     with pytest.raises(CheckpointError, match="nowhere"):
         weights.load(build_model(fcn_config().model), tmp_path / "nowhere")
 
 
-def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path):
-    """.pth -> unet_jax.convert weights folder -> predict CLI --save_logits == mmseg's logits."""
+def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path,
+                                       segmenter: Segmenter):
+    """.pth -> unet_jax.convert weights folder -> predict CLI --save_logits == mmseg's logits,
+    and exactly the scores of Segmenter.predict."""
     ref = np.load(require_shared(FIXTURES / "inference" / "drive_01_test_inference_model.npz"))
     weights = tmp_path / "weights"
     convert.import_mmseg(fcn_config(), pth, weights)
@@ -102,14 +221,28 @@ def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path
     assert err <= 3e-4, f"--save_logits vs mmseg: max abs error {err}"
     flips = int((label != ref["pred"]).sum())
     assert flips == 0, f"{flips} argmax flips vs mmseg"
+    api_labels, api_scores = segmenter.predict(read_rgb(drive_01))
+    np.testing.assert_array_equal(logits, api_scores)
+    np.testing.assert_array_equal(label, api_labels)
 
 
-def test_cli_reports_unreadable_image(tmp_path: Path, pth: Path):
-    bad = tmp_path / "bad.tif"
-    bad.write_bytes(b"\x00" * 10)
+def test_cli_skips_unreadable_images(tmp_path: Path, pth: Path):
+    """Bad files: one stderr line each and a summary; the others are written; exit code 1."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "bad.tif").write_bytes(b"\x00" * 10)
+    (inputs / "bomb.png").write_bytes(png_header(100_000, 100_000))
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(inputs / "good.png")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "unet_jax.predict", "--config", "configs/drive.py", *TINY,
-           "--checkpoint", str(pth), "--input", str(bad), "--output", str(tmp_path / "o")]
+           "--checkpoint", str(pth), "--input", str(inputs), "--output", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "bad.tif" in proc.stderr and "cannot read as an image" in proc.stderr
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "wrote label maps + overlays of 1 image(s)" in proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("unet_jax.predict: ")]
+    assert len(lines) == 3, proc.stderr[-3000:]
+    assert "bad.tif: cannot read as an image" in lines[0]
+    assert "bomb.png: refusing to decode" in lines[1]
+    assert lines[2] == (f"unet_jax.predict: 2 of 3 images could not be read: {inputs / 'bad.tif'}"
+                        f", {inputs / 'bomb.png'}")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["good.png", "good_overlay.png"]
