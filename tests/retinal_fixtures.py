@@ -151,14 +151,27 @@ def write_archives(root: Path, files: Files, rules: list[Rule]) -> Path:
     return root
 
 
-def expected_examples(files: Files, dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (RGB image as OpenCV decodes it, label 0/1) for the files of a fixture."""
+# The red-channel thresholds of the datasets without FOV masks (data/README.md).
+RED_FOV_THRESHOLD = {"stare": 40, "chase_db1": 20}
+
+
+def _binary(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return (np.asarray(im.convert("L")) >= 128).astype(np.uint8)
+
+
+def expected_examples(files: Files, dataset: str
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """name -> (RGB image as OpenCV decodes it, label 0/1, FOV 0/1) for the files of a fixture:
+    the official mask (DRIVE, HRF) or red channel > RED_FOV_THRESHOLD (STARE, CHASE_DB1)."""
     out = {}
     for rel, data in files.items():
         base = rel.rsplit("/", 1)[-1]
+        mask_rel = None
         if dataset == "drive" and "/images/" in rel:
-            name, lab = base.split("_")[0], rel.replace("images", "1st_manual").rsplit("/", 1)[0]
-            label_rel = f"{lab}/{name}_manual1.gif"
+            name, part = base.split("_")[0], rel.split("/", 1)[0]
+            label_rel = f"{part}/1st_manual/{name}_manual1.gif"
+            mask_rel = f"{part}/mask/{name}_{part}_mask.gif"
         elif dataset == "stare" and rel.startswith("stare-images/"):
             name = base[:-4]
             label_rel = f"labels-ah/{name}.ah.ppm"
@@ -168,10 +181,11 @@ def expected_examples(files: Files, dataset: str) -> dict[str, tuple[np.ndarray,
         elif dataset == "hrf" and rel.startswith("images/"):
             name = base.rsplit(".", 1)[0]
             label_rel = f"manual1/{name}.tif"
+            mask_rel = f"mask/{name}_mask.tif"
         else:
             continue
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-        with Image.open(io.BytesIO(files[label_rel])) as im:
-            grey = np.asarray(im.convert("L"))
-        out[name] = (image, (grey >= 128).astype(np.uint8))
+        fov = (_binary(files[mask_rel]) if mask_rel else
+               (image[:, :, 0] > RED_FOV_THRESHOLD[dataset]).astype(np.uint8))
+        out[name] = (image, _binary(files[label_rel]), fov)
     return out

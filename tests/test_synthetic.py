@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import unet_jax.data as D
-from unet_jax.data.synthetic import Synthetic, make_sample, synthetic_config
+from unet_jax.data.synthetic import Synthetic, make_fov, make_sample, synthetic_config
 
 
 def test_deterministic_by_seed():
@@ -37,6 +37,10 @@ def test_fundus_like_with_vessel_trees(seed):
     assert rim < center                                     # vignetting
     # one connected tree per trunk, several branches: many distinct widths along the vessels
     assert label.sum() > 300
+    fov = make_fov([7, 0, seed], 128)  # the disc of radius 0.44-0.48 x 128 around the centre
+    assert fov.dtype == np.uint8 and fov[inside].all() and not fov[outside].any()
+    assert (label <= fov).all() and 0.6 < fov.mean() < 0.73
+    assert image[fov == 0].mean() < 40 < image[fov == 1].mean()
 
 
 def test_configs():
@@ -62,7 +66,9 @@ def test_builder_needs_no_download(tmp_path):
     for ex in train + val:
         assert ex["image"].shape == (40, 40, 3) and ex["label"].shape == (40, 40)
         split_id = 0 if ex["name"].startswith(b"train") else 1
-        image, label = make_sample([5, split_id, int(ex["name"][-4:])], 40)
+        seed = [5, split_id, int(ex["name"][-4:])]
+        image, label = make_sample(seed, 40)
         np.testing.assert_array_equal(ex["image"], image)
         np.testing.assert_array_equal(ex["label"], label)
-    assert (tmp_path / "synthetic" / "s40_t3_v2_seed5" / "1.0.0").is_dir()
+        np.testing.assert_array_equal(ex["fov"], make_fov(seed, 40))
+    assert (tmp_path / "synthetic" / "s40_t3_v2_seed5" / "1.1.0").is_dir()

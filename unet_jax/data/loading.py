@@ -1,8 +1,9 @@
 """Prepare and read the dataset of a config's `data` section (name, manual_dir, tfds_data_dir).
 
 Every dataset is one row of `DATASETS`: its TFDS builder name, what `manual_dir` must hold
-(`None`: nothing, the data are generated), the archives that must be there, and how its examples
-map onto the common features. Nothing else in the library knows a dataset by name.
+(`None`: nothing, the data are generated), the archives that must be there, how its examples
+map onto the common features, and what its `fov` feature holds (`None`: no field-of-view masks,
+no FOV metrics). Nothing else in the library knows a dataset by name.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from unet_jax.config import DATASET_NAMES
 from unet_jax.data import cityscapes
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
 from unet_jax.data.builders.common import check_manual_dir, data_error
-from unet_jax.data.synthetic import synthetic_config
+from unet_jax.data.synthetic import Synthetic, synthetic_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,19 +31,21 @@ class DatasetSpec:
     required_files: tuple[str, ...] = ()  # files manual_dir must contain (checked up front)
     to_common: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]] | None = None
     options: Callable[[Any], tfds.core.BuilderConfig] | None = None  # builder config from data
+    fov: str | None = None                # what the `fov` feature holds; None: no such feature
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "drive": DatasetSpec("drive", drive.LAYOUT),
-    "stare": DatasetSpec("stare", stare.LAYOUT),
-    "chase_db1": DatasetSpec("chase_db1", chase_db1.LAYOUT),
-    "hrf": DatasetSpec("hrf", hrf.LAYOUT),
+    "drive": DatasetSpec("drive", drive.LAYOUT, fov=drive.Drive.FOV),
+    "stare": DatasetSpec("stare", stare.LAYOUT, fov=stare.Stare.FOV),
+    "chase_db1": DatasetSpec("chase_db1", chase_db1.LAYOUT, fov=chase_db1.ChaseDb1.FOV),
+    "hrf": DatasetSpec("hrf", hrf.LAYOUT, fov=hrf.Hrf.FOV),
     "cityscapes": DatasetSpec(
         "cityscapes/semantic_segmentation", cityscapes.INSTRUCTIONS,
         required_files=("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"),
         to_common=cityscapes.to_common_features),
     "synthetic": DatasetSpec(
-        "synthetic", None, options=lambda data: synthetic_config(**dict(data.synthetic))),
+        "synthetic", None, options=lambda data: synthetic_config(**dict(data.synthetic)),
+        fov=Synthetic.FOV),
 }
 assert tuple(sorted(DATASETS)) == tuple(sorted(DATASET_NAMES)), "config.DATASET_NAMES is stale"
 NAMES = tuple(DATASETS)
@@ -96,7 +99,8 @@ def load_split(data: Any, split: str, *, shuffle_files: bool = False,
                read_config: tfds.ReadConfig | None = None,
                decoders: Mapping[str, Any] | None = None) -> tf.data.Dataset:
     """One split (e.g. 'train', 'validation', or any TFDS split string such as 'train[:50%]')
-    as a `tf.data.Dataset` of {'image' uint8 HxWx3 RGB, 'label' uint8 HxW, 'name' string}.
+    as a `tf.data.Dataset` of {'image' uint8 HxWx3 RGB, 'label' uint8 HxW, 'name' string}, and
+    'fov' uint8 HxW (1 = inside the field of view) where `DATASETS[name].fov` says so.
 
     Prepares the dataset first if needed. `decoders` (e.g. {'image':
     tfds.decode.SkipDecoding()}) is passed to TFDS; labels that are remapped (Cityscapes' ids to

@@ -3,8 +3,9 @@
 Needs no download. Each sample is a pure function of (config seed, split, index): an orange-red
 circular field of view with vignetting, low-frequency texture, a bright optic disc, a darker
 macula, vessel trees of decreasing width (darker veins, lighter arteries) growing from the disc,
-and sensor noise. The label is the vessel mask (0/1) inside the field of view. Features and
-splits are those of the retinal builders (`image`, `label`, `name`; `train`, `validation`).
+and sensor noise. The label is the vessel mask (0/1) inside the field of view; `fov` is that
+circular field of view (0/1). Features and splits are those of the retinal builders (`image`,
+`label`, `fov`, `name`; `train`, `validation`).
 """
 from __future__ import annotations
 
@@ -56,14 +57,26 @@ def _grow_tree(rng: np.random.Generator, canvas: np.ndarray, start: np.ndarray, 
                 stack.append((pos.copy(), ang + side * rng.uniform(0.45, 1.0), child))
 
 
+def _field_of_view(rng: np.random.Generator, s: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """(centre, radius, r = distance / radius per pixel): the sample's first draws."""
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    centre = s / 2 + rng.normal(0.0, 0.01 * s, 2)
+    radius = s * rng.uniform(0.44, 0.48)
+    return centre, radius, np.hypot(xx - centre[0], yy - centre[1]) / radius
+
+
+def make_fov(seed: int | Sequence[int], image_size: int = 192) -> np.ndarray:
+    """The field of view (uint8 HxW in {0, 1}) of `make_sample(seed, image_size)`."""
+    _, _, r = _field_of_view(np.random.default_rng(seed), int(image_size))
+    return (r <= 1.0).astype(np.uint8)
+
+
 def make_sample(seed: int | Sequence[int], image_size: int = 192) -> tuple[np.ndarray, np.ndarray]:
     """One (image uint8 HxWx3 RGB, label uint8 HxW in {0, 1}) pair, deterministic in `seed`."""
     rng = np.random.default_rng(seed)
     s = int(image_size)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-    centre = s / 2 + rng.normal(0.0, 0.01 * s, 2)
-    radius = s * rng.uniform(0.44, 0.48)
-    r = np.hypot(xx - centre[0], yy - centre[1]) / radius
+    centre, radius, r = _field_of_view(rng, s)
 
     base = np.array([rng.uniform(170, 215), rng.uniform(65, 100), rng.uniform(20, 45)], np.float32)
     texture = cv2.resize(rng.normal(0, 1, (6, 6)).astype(np.float32), (s, s),
@@ -107,8 +120,10 @@ def make_sample(seed: int | Sequence[int], image_size: int = 192) -> tuple[np.nd
 class Synthetic(tfds.core.GeneratorBasedBuilder):
     """Synthetic retinal vessel dataset (no download): fundus-like images, vessel masks 0/1."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.",
+                     "1.1.0": "Adds `fov`, the circular field of view (uint8 0/1)."}
+    FOV = "the generated circular field of view"
     BUILDER_CONFIGS = [
         SyntheticConfig(name="default", description="20 train / 8 validation, 192x192."),
         SyntheticConfig(name="small", description="24 train / 8 validation, 128x128.",
@@ -132,9 +147,10 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         prefix = (TRAIN, VALIDATION)[split_id]
         for i in range(count):
-            image, label = make_sample([cfg.seed, split_id, i], cfg.image_size)
+            seed = [cfg.seed, split_id, i]
+            image, label = make_sample(seed, cfg.image_size)
             name = f"{prefix}_{i:04d}"
-            yield name, example(name, image, label)
+            yield name, example(name, image, label, make_fov(seed, cfg.image_size))
 
 
 def synthetic_config(image_size: int = 192, num_train: int = 20, num_validation: int = 8,

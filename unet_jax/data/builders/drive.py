@@ -7,10 +7,13 @@ from unet_jax.data.builders import common
 
 LAYOUT = """DRIVE (2004 release; https://drive.grand-challenge.org/) in `manual_dir`, either
   the official archives:  training.zip (training/images/NN_training.tif,
-                                        training/1st_manual/NN_manual1.gif)
-                          test.zip     (test/images/NN_test.tif, test/1st_manual/NN_manual1.gif)
+                                        training/1st_manual/NN_manual1.gif,
+                                        training/mask/NN_training_mask.gif)
+                          test.zip     (test/images/NN_test.tif, test/1st_manual/NN_manual1.gif,
+                                        test/mask/NN_test_mask.gif)
   or them extracted:      training/... and test/... (also accepted inside a DRIVE/ folder).
-  training = ids 21-40, validation = the 20 test images 01-20; masks and 2nd_manual are not used."""
+  training = ids 21-40, validation = the 20 test images 01-20; mask = the official FOV masks;
+  2nd_manual is not used."""
 
 
 class Drive(common.RetinalBuilder):
@@ -18,6 +21,7 @@ class Drive(common.RetinalBuilder):
 
     LAYOUT = LAYOUT
     HOMEPAGE = "https://drive.grand-challenge.org/"
+    FOV = "official masks (training/mask, test/mask)"
     MANUAL_DOWNLOAD_INSTRUCTIONS = LAYOUT + """
   The current Grand-Challenge test.zip lacks test/1st_manual; the full 2004 release is needed."""
 
@@ -28,7 +32,10 @@ class Drive(common.RetinalBuilder):
                                      f"{part}/images", LAYOUT)
             images = common.match_files(src, f"{part}/images", rf"(\d+)_{part}\.tif")
             labels = common.match_files(src, f"{part}/1st_manual", r"(\d+)_manual1\.gif")
-            for name, image, label in common.pair_up(images, labels, expected=20, what=part,
-                                                     layout=LAYOUT):
-                pairs.append(common.Pair(name, split, image, label))
+            masks = common.match_files(src, f"{part}/mask", rf"(\d+)_{part}_mask\.gif")
+            triples = common.pair_up(images, labels, expected=20, what=part, layout=LAYOUT)
+            fovs = common.pick(masks, [name for name, _, _ in triples], what="FOV mask",
+                               where=src.where(f"{part}/mask"), layout=LAYOUT)
+            for (name, image, label), fov in zip(triples, fovs):
+                pairs.append(common.Pair(name, split, image, label, fov))
         return pairs

@@ -5,12 +5,14 @@ from pathlib import Path
 
 from unet_jax.data.builders import common
 
-LAYOUT = """STARE vessel subset (https://cecas.clemson.edu/~ahoover/stare/probing/) in `manual_dir`,
+FOV_RED_THRESHOLD = 40  # the aperture's red reaches 32 (im0044, im0240); see data/README.md
+LAYOUT = f"""STARE vessel subset (https://cecas.clemson.edu/~ahoover/stare/probing/) in `manual_dir`,
   either the official archives:  stare-images.tar (20 x imNNNN.ppm.gz),
                                  labels-ah.tar (20 x imNNNN.ah.ppm.gz)
   or them extracted:             stare-images/imNNNN.ppm[.gz], labels-ah/imNNNN.ah.ppm[.gz]
                                  (also inside a STARE/ folder).
-  Label = Adam Hoover's (labels-ah); labels-vk.tar is not used. Sorted names: first 10 train."""
+  Label = Adam Hoover's (labels-ah); labels-vk.tar is not used. Sorted names: first 10 train.
+  STARE ships no FOV masks: fov = red channel > {FOV_RED_THRESHOLD}."""
 
 
 class Stare(common.RetinalBuilder):
@@ -18,6 +20,7 @@ class Stare(common.RetinalBuilder):
 
     LAYOUT = LAYOUT
     HOMEPAGE = "https://cecas.clemson.edu/~ahoover/stare/"
+    FOV = f"red channel > {FOV_RED_THRESHOLD} (derived; STARE ships no FOV masks)"
     MANUAL_DOWNLOAD_INSTRUCTIONS = LAYOUT
 
     def find_pairs(self, manual_dir: Path) -> list[common.Pair]:
@@ -29,4 +32,4 @@ class Stare(common.RetinalBuilder):
         labels = common.match_files(labels_src, "", r"(im\d{4})\.ah\.p[pg]m(?:\.gz)?")
         triples = common.pair_up(images, labels, expected=20, what="STARE", layout=LAYOUT)
         split = common.first_last([t[0] for t in triples], 10)
-        return [common.Pair(n, split[n], i, l) for n, i, l in triples]
+        return [common.Pair(n, split[n], i, l, FOV_RED_THRESHOLD) for n, i, l in triples]
