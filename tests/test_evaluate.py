@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import jax
 from conftest import FIXTURES, require_shared, tiny_config
+from test_fov_metrics import rank_auc
 from unet_jax import inference as inf
+from unet_jax import run_logs
 from unet_jax.sizes import rescale_size
 from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
 from unet_jax.models.mmseg import extract_state_dict, load_state_dict
@@ -97,6 +100,74 @@ def test_evaluate_max_images_and_normalised_input(apply_fn):
     assert evaluate(apply_fn, with_norm, config, progress=False) == first_two
 
 
+def with_fov(samples: list[dict]) -> list[dict]:
+    """The samples with a disc-shaped field of view (a random shift per image)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for s in samples:
+        h, w = s["label"].shape
+        yy, xx = np.mgrid[:h, :w]
+        cy, cx = h / 2 + rng.normal(0, 2), w / 2 + rng.normal(0, 2)
+        fov = ((yy - cy) ** 2 + (xx - cx) ** 2 <= (0.45 * min(h, w)) ** 2).astype(np.uint8)
+        out.append(dict(s, fov=fov))
+    return out
+
+
+def fov_reference(scores: list[np.ndarray], samples: list[dict], probabilities: bool) -> dict:
+    """Se, Sp, Acc, AUC, F1 (percent, 2 decimals) over the FOV pixels not ignored, in numpy:
+    vessel = the argmax of the scores, AUC ranks the vessel probability (rank formula)."""
+    probs, preds, truths = [], [], []
+    for sc, s in zip(scores, samples):
+        keep = (s["fov"] == 1) & (s["label"] != 255)
+        prob = sc if probabilities else np.asarray(jax.nn.softmax(sc, axis=-1))
+        probs.append(prob[..., 1][keep])
+        preds.append(sc.argmax(-1)[keep] == 1)
+        truths.append(s["label"][keep] == 1)
+    prob, pred, truth = (np.concatenate(v) for v in (probs, preds, truths))
+    tp, tn = np.sum(pred & truth), np.sum(~pred & ~truth)
+    fp, fn = np.sum(pred & ~truth), np.sum(~pred & truth)
+    ref = {"Se": tp / (tp + fn), "Sp": tn / (tn + fp), "Acc": (tp + tn) / truth.size,
+           "AUC": rank_auc(prob, truth), "F1": 2 * tp / (2 * tp + fp + fn)}
+    return {k: round(float(v) * 100, 2) for k, v in ref.items()}
+
+
+def assert_fov_equal(got: dict, ref: dict) -> None:
+    assert list(got) == ["Se", "Sp", "Acc", "AUC", "F1"]
+    assert {k: got[k] for k in ("Se", "Sp", "Acc", "F1")} == {
+        k: ref[k] for k in ("Se", "Sp", "Acc", "F1")}
+    assert abs(got["AUC"] - ref["AUC"]) <= 0.01 + 1e-9  # binned AUC: < 1e-4 from the exact one
+
+
+def test_evaluate_fov_metrics_match_numpy(apply_fn, capsys):
+    config = eval_config()
+    samples = with_fov(synthetic_samples(3))
+    summary = evaluate(apply_fn, samples, config, progress=False)
+    scores = [np.asarray(inf.segment(apply_fn, s["image"], config)[0]) for s in samples]
+    ref = fov_reference(scores, samples, probabilities=False)
+    assert 0 < ref["Se"] < 100 and 0 < ref["Sp"] < 100  # a model that is not constant
+    assert_fov_equal(summary["fov"], ref)
+    # the mmseg metrics ignore the FOV
+    plain = evaluate(apply_fn, synthetic_samples(3), config, progress=False)
+    assert "fov" not in plain and {k: v for k, v in summary.items() if k != "fov"} == plain
+    run_logs.print_table(summary, config, step=7)
+    out = capsys.readouterr().out
+    assert "| FOV metrics   |    Se |    Sp |   Acc |   AUC |    F1 |" in out
+    assert "| vessel in FOV |" in out
+    assert f"{summary['fov']['AUC']:.2f}" in out
+    assert "FOV: official masks (training/mask, test/mask)" in out  # config.data.name: drive
+
+
+def test_evaluate_fov_auc_uses_the_tta_probabilities(apply_fn):
+    config = eval_config()
+    config.eval.tta = True
+    config.eval.tta_scales = (1.0, 0.75)
+    samples = with_fov(synthetic_samples(2))
+    summary = evaluate(apply_fn, samples, config, progress=False)
+    scores = [np.asarray(inf.segment(apply_fn, s["image"], config)[0]) for s in samples]
+    assert all(np.allclose(sc.sum(-1), 1, atol=1e-5) for sc in scores)  # probabilities
+    assert_fov_equal(summary["fov"], fov_reference(scores, samples, probabilities=True))
+
+
 def test_evaluate_rejects_bad_samples(apply_fn):
     config = eval_config()
     bad = synthetic_samples(1)
@@ -105,6 +176,14 @@ def test_evaluate_rejects_bad_samples(apply_fn):
         evaluate(apply_fn, bad, config, progress=False)
     with pytest.raises(ValueError, match="no samples"):
         evaluate(apply_fn, [], config, progress=False)
+    mixed = with_fov(synthetic_samples(2))
+    del mixed[1]["fov"]
+    with pytest.raises(ValueError, match="img1.*fov mask on every sample or on none"):
+        evaluate(apply_fn, mixed, config, progress=False)
+    bad = with_fov(synthetic_samples(1))
+    bad[0]["fov"] = bad[0]["fov"][:, :-1]
+    with pytest.raises(ValueError, match="img0.*fov shape"):
+        evaluate(apply_fn, bad, config, progress=False)
 
 
 def test_overlay_and_comparison(tmp_path: Path):

@@ -107,3 +107,16 @@ def test_errors_name_values():
         M.summarize(acc, ["a", "b", "c"])
     with pytest.raises(ValueError, match="19"):
         acc.merge(M.ConfusionAccumulator(19))
+
+
+def test_table_with_fov_metrics():
+    counts = M.intersect_and_union(np.array([[0, 1], [1, 1]]), np.array([[0, 1], [0, 1]]), 2)
+    summary = M.summarize(counts, ["background", "vessel"])
+    plain = M.format_table(summary, ["background", "vessel"])
+    summary["fov"] = {"Se": 81.5, "Sp": 97.25, "Acc": 95.0, "AUC": 98.13, "F1": None}
+    lines = M.format_table(summary, ["background", "vessel"]).splitlines()
+    assert "\n".join(lines[:len(plain.splitlines())]) == plain  # the mmseg table unchanged
+    sep = "+---------------+-------+-------+-------+-------+-----+"
+    assert lines[len(plain.splitlines()):] == [
+        sep, "| FOV metrics   |    Se |    Sp |   Acc |   AUC |  F1 |", sep,
+        "| vessel in FOV | 81.50 | 97.25 | 95.00 | 98.13 | nan |", sep]

@@ -161,6 +161,30 @@ def test_eval_dataset(drive) -> None:
     np.testing.assert_array_equal(e["image_normalised"], A.normalise(ref, cfg.mean, cfg.std))
 
 
+def test_fov_goes_to_evaluation_only() -> None:
+    rng = np.random.default_rng(1)
+    arrays = {"image": rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8),
+              "label": (rng.random((3, 40, 48)) < 0.3).astype(np.uint8),
+              "fov": (rng.random((3, 40, 48)) < 0.8).astype(np.uint8),
+              "name": np.array(["a", "b", "c"])}
+    cfg = ml_collections.ConfigDict(_cfg().to_dict())
+    cfg.img_scale, cfg.crop_size = (48, 40), (32, 32)
+    items = list(P.eval_dataset(_ds(arrays), cfg))
+    for e, fov in zip(items, arrays["fov"]):
+        assert e["fov"].dtype == np.uint8
+        np.testing.assert_array_equal(e["fov"], fov)
+    no_fov = {k: v for k, v in arrays.items() if k != "fov"}
+    assert "fov" not in next(P.eval_dataset(_ds(no_fov), cfg))
+    # training reads image, label and name only: the same batches with or without a fov
+    assert [r.name for r in P.cache_records(_ds(arrays))] == ["a", "b", "c"]
+    with_fov = _take(P.train_dataset(_ds(arrays), cfg, global_batch_size=2, seed=3), 2)
+    without = _take(P.train_dataset(_ds(no_fov), cfg, global_batch_size=2, seed=3), 2)
+    for x, y in zip(with_fov, without):
+        assert set(x) == {"image", "label"}
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
 def test_variable_sized_generator_dataset() -> None:
     rng = np.random.default_rng(0)
     sizes = [(40, 50), (90, 70), (64, 64)]

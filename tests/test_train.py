@@ -46,6 +46,9 @@ def test_one_step_run_writes_everything(tmp_path, train_config):
         assert 0 <= val[key] <= 100
         assert summary[key] == val[key]
     assert set(val["Dice"]) == {"background", "vessel"}
+    # the synthetic set has a field of view: FOV metrics on the validation line
+    assert list(val["fov"]) == ["Se", "Sp", "Acc", "AUC", "F1"] and val["fov"] == summary["fov"]
+    assert all(v is None or 0 <= v <= 100 for v in val["fov"].values())
     assert (run / "checkpoints" / "1" / "model").is_dir()
     assert (run / "best" / "1" / "model").is_dir()
     assert len(list((run / "overlays" / "step_1").glob("*.png"))) == 1
@@ -56,8 +59,9 @@ def test_one_step_run_writes_everything(tmp_path, train_config):
     # Eval mode reads the latest checkpoint back and reproduces the validation numbers.
     from unet_jax.train import evaluate_checkpoint
     again = evaluate_checkpoint(config, run)
-    assert {k: again[k] for k in ("aAcc", "mDice")} == {k: val[k] for k in ("aAcc", "mDice")}
-    assert read_metrics(run)[-1]["mode"] == "eval"
+    assert {k: again[k] for k in ("aAcc", "mDice", "fov")} == {
+        k: val[k] for k in ("aAcc", "mDice", "fov")}
+    assert read_metrics(run)[-1]["mode"] == "eval" and read_metrics(run)[-1]["fov"] == val["fov"]
 
 
 def _signal_after(monkeypatch, step: int, signum: int) -> None:

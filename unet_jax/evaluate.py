@@ -3,6 +3,8 @@
 `evaluate` runs the test pipeline of `unet_jax.inference.segment` on every sample (slide, whole or
 TTA per `config.eval`), takes the argmax at the original resolution and sums mmseg's four
 per-class pixel counts over the dataset (computed on device, accumulated on the host in int64).
+Samples with a field-of-view mask (`fov`: the retinal sets) also give the vessel metrics papers
+report inside the FOV (`unet_jax.fov_metrics`: Se, Sp, Acc, AUC, F1), counted the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from unet_jax import metrics
+from unet_jax import fov_metrics, metrics
+from unet_jax.errors import ConfigError
 from unet_jax.inference import ApplyFn, make_apply_fn, segment
 
 
@@ -29,14 +32,14 @@ def _pred_counts(scores: jax.Array, label: jax.Array, *, num_classes: int,
     return pred, metrics.intersect_and_union_jnp(pred, label, num_classes, ignore_index)
 
 
-def _label_2d(label: Any, image_hw: tuple[int, int], name: str) -> np.ndarray:
-    label = np.asarray(label)
-    if label.ndim == 3 and label.shape[-1] == 1:
-        label = label[..., 0]
-    if label.shape != image_hw:
-        raise ValueError(f"sample {name!r}: label shape expected {image_hw} (the image's), "
-                         f"found {label.shape}")
-    return label
+def _map_2d(value: Any, image_hw: tuple[int, int], name: str, what: str) -> np.ndarray:
+    value = np.asarray(value)
+    if value.ndim == 3 and value.shape[-1] == 1:
+        value = value[..., 0]
+    if value.shape != image_hw:
+        raise ValueError(f"sample {name!r}: {what} shape expected {image_hw} (the image's), "
+                         f"found {value.shape}")
+    return value
 
 
 def _name(sample: dict[str, Any], index: int) -> str:
@@ -56,10 +59,15 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
     `model`: an NNX segmentor (evaluated in eval mode; the module itself is not changed) or an
     apply function as made by `inference.make_apply_fn`. `dataset` yields dicts with `image`
     (uint8 H x W x 3 RGB, original size), `label` (uint8 H x W, 255 = ignore), optionally
-    `name` and `image_normalised` (the resized, normalised image of the eval input pipeline,
-    used instead of resizing on the host when TTA is off). At most `config.eval.max_images`
-    samples are used (0 = all). With `return_examples=k` also returns the first k samples as
-    dicts {name, image, label, pred (uint8 H x W)}, e.g. for `save_comparison_png`.
+    `name`, `image_normalised` (the resized, normalised image of the eval input pipeline,
+    used instead of resizing on the host when TTA is off) and `fov` (H x W, nonzero inside the
+    field of view; every sample or none). With `fov` the summary also has `fov`: {Se, Sp, Acc,
+    AUC, F1} of the vessel class (class 1 of 2) pooled over the FOV pixels that are not
+    ignored, in percent (`fov_metrics.FovAccumulator.summary`); AUC ranks the vessel
+    probability (softmax of the logits, or the TTA-averaged probability). At most
+    `config.eval.max_images` samples are used (0 = all). With `return_examples=k` also returns
+    the first k samples as dicts {name, image, label, pred (uint8 H x W)}, e.g. for
+    `save_comparison_png`.
     """
     apply_fn = make_apply_fn(model) if isinstance(model, nnx.Module) else model
     num_classes = config.model.num_classes
@@ -70,8 +78,16 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
         n = len(dataset)  # type: ignore[arg-type]
         total = min(n, max_images) if max_images else n
     acc = metrics.ConfusionAccumulator(num_classes, ignore_index)
-    pending: list[jax.Array] = []  # per-image counts still on device (keeps dispatch async)
+    fov_acc: fov_metrics.FovAccumulator | None = None
+    # per-image counts still on device (keeps dispatch async): (counts, FOV counts or None)
+    pending: list[tuple[jax.Array, Any]] = []
     examples: list[dict[str, Any]] = []
+
+    def add(counts: jax.Array, fov_counts: Any) -> None:
+        acc.add_counts(np.asarray(counts))
+        if fov_counts is not None:
+            fov_acc.add_counts(*(np.asarray(c) for c in fov_counts))
+
     bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, leave=False)
     try:
         for index, sample in enumerate(dataset):
@@ -82,25 +98,43 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"sample {name!r}: image expected uint8 H x W x 3 RGB, found "
                                  f"{image.dtype} {image.shape}")
-            label = _label_2d(sample["label"], image.shape[:2], name)
+            label = _map_2d(sample["label"], image.shape[:2], name, "label")
+            has_fov = sample.get("fov") is not None
+            if index == 0 and has_fov:
+                if num_classes != 2:
+                    raise ConfigError(f"model.num_classes: FOV metrics (sample {name!r} has a "
+                                      "fov mask) expected 2 classes (background, vessel), "
+                                      f"found {num_classes}")
+                fov_acc = fov_metrics.FovAccumulator(ignore_index)
+            if has_fov != (fov_acc is not None):
+                raise ValueError(f"sample {name!r}: expected a fov mask on every sample or on "
+                                 f"none; the first sample had {'one' if fov_acc else 'none'}")
             scores, _ = segment(apply_fn, image, config,
                                 image_normalised=sample.get("image_normalised"))
             pred, counts = _pred_counts(scores, jnp.asarray(label), num_classes=num_classes,
                                         ignore_index=ignore_index)
-            pending.append(counts)
+            fov_counts = None
+            if fov_acc is not None:
+                fov = _map_2d(sample["fov"], image.shape[:2], name, "fov")
+                fov_counts = fov_metrics.scores_fov_counts(
+                    scores, jnp.asarray(label), jnp.asarray(fov),
+                    probabilities=bool(config.eval.tta), ignore_index=ignore_index)
+            pending.append((counts, fov_counts))
             if len(pending) > 1:
-                acc.add_counts(np.asarray(pending.pop(0)))
+                add(*pending.pop(0))
             if index < return_examples:
                 examples.append({"name": name, "image": image, "label": label,
                                  "pred": np.asarray(pred).astype(np.uint8)})
             bar.update(1)
     finally:
         bar.close()
-    for counts in pending:
-        acc.add_counts(np.asarray(counts))
+    for counts, fov_counts in pending:
+        add(counts, fov_counts)
     if acc.num_images == 0:
         raise ValueError("evaluate: the dataset yielded no samples")
     summary = metrics.summarize(acc, list(config.data.classes))
+    if fov_acc is not None:
+        summary["fov"] = fov_acc.summary()
     return (summary, examples) if return_examples else summary
 
 

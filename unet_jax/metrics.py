@@ -186,7 +186,8 @@ def summarize(totals: Any, class_names: Sequence[str]) -> dict[str, Any]:
 
 
 def format_table(summary: Mapping[str, Any], class_names: Sequence[str]) -> str:
-    """A per-class text table (Class | IoU | Dice | Acc) like mmseg's log, plus a summary row."""
+    """A per-class text table (Class | IoU | Dice | Acc) like mmseg's log, plus a summary row;
+    with a `fov` entry (`unet_jax.fov_metrics`) also the FOV table (Se | Sp | Acc | AUC | F1)."""
     def fmt(v: Any) -> str:
         return "nan" if v is None else f"{float(v):.2f}"
 
@@ -196,12 +197,27 @@ def format_table(summary: Mapping[str, Any], class_names: Sequence[str]) -> str:
                      fmt(summary["Dice"].get(str(name))), fmt(summary["Acc"].get(str(name)))))
     rows.append((f"mean (aAcc {fmt(summary['aAcc'])})", fmt(summary["mIoU"]),
                  fmt(summary["mDice"]), fmt(summary["mAcc"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    table = _grid(rows[0], rows[1:-1], rows[-1])
+    fov = summary.get("fov")
+    if fov is None:
+        return table
+    names = tuple(fov)
+    vessel = (f"{class_names[1]} in FOV", *(fmt(fov[n]) for n in names))
+    return table + "\n" + _grid(("FOV metrics", *names), [vessel])
+
+
+def _grid(header: Sequence[str], body: Sequence[Sequence[str]],
+          footer: Sequence[str] | None = None) -> str:
+    """Rows boxed in +---+ lines: first column left-aligned, the others right-aligned."""
+    rows = [header, *body] + ([footer] if footer is not None else [])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     sep = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
 
     def line(r: Sequence[str]) -> str:
         cells = [f" {r[0]:<{widths[0]}} "] + [f" {c:>{w}} " for c, w in zip(r[1:], widths[1:])]
         return "|" + "|".join(cells) + "|"
 
-    body = [sep, line(rows[0]), sep, *(line(r) for r in rows[1:-1]), sep, line(rows[-1]), sep]
-    return "\n".join(body)
+    out = [sep, line(header), sep, *(line(r) for r in body), sep]
+    if footer is not None:
+        out += [line(footer), sep]
+    return "\n".join(out)

@@ -134,13 +134,17 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def print_table(summary: Mapping[str, Any], config: Any, step: int | None) -> None:
-    """mmseg-like per-class table, plus the published zoo score when there is one."""
+    """mmseg-like per-class table (with the FOV metrics and where the dataset's field of view
+    comes from, when the summary has them), plus the published zoo score when there is one."""
     from unet_jax.metrics import format_table
     if not parallel.is_main_process():
         return
     where = f" at step {step}" if step is not None else ""
     print(f"\nper-class results on {config.data.name} validation{where}:")
     print(format_table(summary, list(config.data.classes)))
+    if "fov" in summary:
+        from unet_jax.data.loading import DATASETS
+        print(f"FOV: {DATASETS[config.data.name].fov}")
     if config.published:
         scores = ", ".join(f"{k} {float(v):.2f}" for k, v in config.published.items())
         print(f"mmseg published for {config.model.head},{config.loss.name}: {scores}")

@@ -10,7 +10,8 @@ batches of an uninterrupted run, and each host builds only its own rows
 `j in [process_index * B_local, (process_index + 1) * B_local)` of every global batch. This
 per-epoch permutation replaces mmseg's RepeatDataset + shuffled sampler.
 
-Eval: one image per element, in the order of `ds`, no shuffling (mmseg's val loader, batch 1).
+Eval: one image per element, in the order of `ds`, no shuffling (mmseg's val loader, batch 1),
+with the field-of-view mask `fov` passed through where the dataset has one (training ignores it).
 """
 from __future__ import annotations
 
@@ -74,9 +75,10 @@ def _check_spec(ds: tf.data.Dataset) -> None:
 def cache_records(ds: tf.data.Dataset) -> list[Record]:
     """Read a split into host memory (images converted to BGR), sorted by name.
 
-    Encoded images (string features) stay encoded and their labels are PNG-encoded too, so a
-    large split (Cityscapes: `decoders={'image': tfds.decode.SkipDecoding()}`) costs its
-    compressed size; decoding then happens per sample, in the parallel map.
+    Only `image`, `label` and `name` are kept (a `fov` mask is for evaluation). Encoded images
+    (string features) stay encoded and their labels are PNG-encoded too, so a large split
+    (Cityscapes: `decoders={'image': tfds.decode.SkipDecoding()}`) costs its compressed size;
+    decoding then happens per sample, in the parallel map.
     """
     _check_spec(ds)
     records = []
@@ -220,7 +222,8 @@ def eval_dataset(ds: tf.data.Dataset, data_cfg: Any, max_images: int = 0,
 
     Yields dict(image uint8 (H, W, 3) RGB original, image_normalised float32 (h, w, 3) RGB after
     the keep-ratio resize to data_cfg.img_scale (identity at native size), label uint8 (H, W)
-    at original size, name str).
+    at original size, name str), plus fov uint8 (H, W) (1 = inside the field of view) when the
+    dataset has a `fov` feature.
     """
     _check_spec(ds)
     if max_images < 0:
@@ -241,7 +244,10 @@ def eval_dataset(ds: tf.data.Dataset, data_cfg: Any, max_images: int = 0,
         norm.set_shape((None, None, 3))
         label.set_shape((None, None))
         name = ex["name"] if "name" in ex else tf.constant("")
-        return {"image": image, "image_normalised": norm, "label": label, "name": name}
+        out = {"image": image, "image_normalised": norm, "label": label, "name": name}
+        if "fov" in ex:
+            out["fov"] = ex["fov"]
+        return out
 
     out = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for k, ex in enumerate(out.prefetch(2).as_numpy_iterator()):
