@@ -21,17 +21,19 @@ the guaranteed bound (half the share of pairs sharing a bin), and, for compariso
 AUC over 2**16 and 2**20 bins uniform in p. Then the cost of `fov_counts_jnp` on one HRF-sized
 image (3504 x 2336).
 
-Measured (seed 0, 4 M pixels, 2-core CPU):
-  trained    exact 0.985537  |library - exact| 4.5e-09  bound 1.1e-06  uniform 2**16 1.1e-06, 2**20 5.1e-08
-  confident  exact 0.985492  |library - exact| 2.2e-10  bound 8.9e-05  uniform 2**16 1.7e-02, 2**20 9.8e-03
-  tta        exact 0.985288  |library - exact| 3.9e-09  bound 1.3e-06  uniform 2**16 6.3e-07, 2**20 9.3e-09
-  weak       exact 0.760036  |library - exact| 4.6e-08  bound 5.5e-05  uniform 2**16 1.7e-09, 2**20 7.0e-11
+Measured (seed 0, 4 M pixels, 2-core CPU), |binned - exact| AUC in [0, 1] units:
+             exact     library  its bound  uniform 2**16  uniform 2**20
+  trained    0.985537  4.5e-09  1.1e-06    1.1e-06        5.1e-08
+  confident  0.985492  2.2e-10  8.9e-05    1.7e-02        9.8e-03
+  tta        0.985288  3.9e-09  1.3e-06    6.3e-07        9.3e-09
+  weak       0.760036  4.6e-08  5.5e-05    1.7e-09        7.0e-11
 The library's error is 5e-8 or less, and even its guaranteed bound stays under the 1e-4 budget
 (0.01 AUC points). Uniform bins fail for the confident model (1.7e-2 with 2**16 bins, 9.8e-3
 with 2**20: its background and its missed vessels share the first bin). The "confident" bound is
 the largest because it counts exact ties too (pixels saturated at p = 0 or 1, which the exact
 AUC counts as ties as well). fov_counts_jnp on a 3504 x 2336 image: 0.18 s on the 2-core CPU
-(its slide inference takes minutes there), 3.9 MB of counts to the host.
+(small next to the slide inference of such an image: ~300 windows of 256 x 256), 3.9 MB of
+counts to the host.
 """
 from __future__ import annotations
 
