@@ -19,10 +19,10 @@ from unet_jax.data.builders import ChaseDb1, DataError, Drive, Hrf, Stare  # noq
 from unet_jax.data.cityscapes import labelids_to_trainids  # noqa: E402
 from unet_jax.data.loading import NAMES, get_builder, load_split, prepare  # noqa: E402
 from unet_jax.data.synthetic import (  # noqa: E402
-    Synthetic, SyntheticConfig, make_sample, synthetic_config)
+    Synthetic, SyntheticConfig, make_fov, make_sample, synthetic_config)
 
 __all__ = [
     "ChaseDb1", "DataError", "Drive", "Hrf", "NAMES", "Stare", "Synthetic", "SyntheticConfig",
-    "get_builder", "labelids_to_trainids", "load_split", "make_sample", "prepare",
+    "get_builder", "labelids_to_trainids", "load_split", "make_fov", "make_sample", "prepare",
     "synthetic_config",
 ]
