@@ -179,3 +179,17 @@ def test_with_cp_and_norm_eval_options():
     bn = model.backbone.encoder[0][0].convs[0].bn
     assert bn.frozen and float(np.abs(np.asarray(bn.mean[...])).max()) == 0.0
     assert not model.decode_head.convs[0].bn.frozen
+
+
+def test_adaptive_pool_matrix_takes_a_symbolic_length():
+    """Shape-polymorphic export (unet_jax.export): the bins follow a symbolic length, and the
+    weights are 1 / width rounded once, as the concrete matrix."""
+    (length,) = jax.export.symbolic_shape("16*h")
+    exported = jax.export.export(jax.jit(lambda x: adaptive_pool_matrix(x.shape[0], 6)))(
+        jax.ShapeDtypeStruct((length,), jnp.float32))
+    for n in (16, 64, 112):
+        got = np.asarray(exported.call(jnp.zeros((n,), jnp.float32)))
+        np.testing.assert_array_equal(got, np.asarray(adaptive_pool_matrix(n, 6)))
+        starts, ends = (np.arange(6) * n) // 6, -((-(np.arange(6) + 1) * n) // 6)
+        widths = np.float32(1.0) / (ends - starts).astype(np.float64)
+        np.testing.assert_array_equal(got.max(1), widths.astype(np.float32))

@@ -137,8 +137,11 @@ class Upsample(nnx.Module):
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Resize NHWC `x` to `size` (h, w) like torch bilinear, align_corners=False, no antialias."""
-    h, w = int(size[0]), int(size[1])
+    """Resize NHWC `x` to `size` (h, w) like torch bilinear, align_corners=False, no antialias.
+
+    `size` may hold symbolic dimensions (a shape-polymorphic export, `unet_jax.export`).
+    """
+    h, w = size[0], size[1]
     if (x.shape[1], x.shape[2]) == (h, w):
         return x
     return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "bilinear",
@@ -146,13 +149,20 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
 
 
 def adaptive_pool_matrix(length: int, bins: int, dtype=jnp.float32) -> jax.Array:
-    """(bins, length) averaging matrix of torch's AdaptiveAvgPool with its overlapping bins."""
+    """(bins, length) averaging matrix of torch's AdaptiveAvgPool with its overlapping bins.
+
+    Bin i covers [floor(i L / bins), ceil((i + 1) L / bins)) with weight 1 / its width. Built from
+    an iota rather than a Python list so that `length` may be a symbolic dimension (a
+    shape-polymorphic export, `unet_jax.export`); 1 / width is rounded once to `dtype`.
+    """
+    j = jnp.arange(length)
     rows = []
     for i in range(bins):
         start = (i * length) // bins
         end = -((-(i + 1) * length) // bins)
-        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(length)])
-    return jnp.asarray(rows, dtype)
+        weight = jnp.asarray(1, dtype) / jnp.asarray(end - start, dtype)
+        rows.append(jnp.where((j >= start) & (j < end), weight, jnp.asarray(0, dtype)))
+    return jnp.stack(rows)
 
 
 class AdaptiveAvgPool(nnx.Module):
