@@ -30,6 +30,7 @@ setup(
         "unet-jax-train=unet_jax.main:run",
         "unet-jax-predict=unet_jax.predict:run",
         "unet-jax-convert=unet_jax.convert:run",
+        "unet-jax-export=unet_jax.export:run",
         "unet-jax-benchmark=unet_jax.benchmark:run",
     ]},
     extras_require={
