@@ -31,6 +31,7 @@ setup(
         "unet-jax-predict=unet_jax.predict:run",
         "unet-jax-convert=unet_jax.convert:run",
         "unet-jax-export=unet_jax.export:run",
+        "unet-jax-browse=unet_jax.browse:run",
         "unet-jax-benchmark=unet_jax.benchmark:run",
     ]},
     extras_require={
