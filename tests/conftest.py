@@ -156,3 +156,15 @@ def read_metrics(workdir: Path) -> list[dict]:
     """The records of `<workdir>/metrics.jsonl`."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def check_argmax(pred, ref_logits_chw, ref_pred, atol):
+    """Argmax equal to mmseg's wherever mmseg's two top logits are more than 2 x `atol` apart:
+    within the logits' error bound a pixel may legitimately flip; elsewhere it may not."""
+    import numpy as np
+
+    top2 = np.sort(ref_logits_chw, axis=0)[-2:]
+    near_tie = (top2[1] - top2[0]) <= 2 * atol
+    flipped = np.asarray(pred) != ref_pred
+    assert not (flipped & ~near_tie).any(), (
+        f"{int((flipped & ~near_tie).sum())} argmax flips away from near-ties")

@@ -11,6 +11,7 @@ statistics are float32, except in a float64 model where everything is float64
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -57,6 +58,114 @@ def host_normal(std_of_shape):
 # mmengine KaimingInit defaults: mode fan_out, normal, gain sqrt(2): std = sqrt(2 / (kh*kw*O)).
 KAIMING_FAN_OUT = host_normal(lambda s: float(np.sqrt(2.0 / (np.prod(s[:-2]) * s[-1]))))
 SEG_NORMAL = host_normal(lambda s: 0.01)
+
+
+# ------------------------------------------------------------------------------ convolutions
+def _im2col(x: jax.Array, k: int, padding: int, dilation: int) -> jax.Array:
+    """(N*H*W, k*k*C): the k x k (dilated) neighbourhoods of every output pixel, tap-major."""
+    n, h, w, c = x.shape
+    out_h = h + 2 * padding - dilation * (k - 1)
+    out_w = w + 2 * padding - dilation * (k - 1)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    taps = [xp[:, i * dilation:i * dilation + out_h, j * dilation:j * dilation + out_w]
+            for i in range(k) for j in range(k)]
+    return jnp.concatenate(taps, axis=-1).reshape(n * out_h * out_w, k * k * c)
+
+
+def _col2im(cols: jax.Array, shape: tuple[int, int, int, int], k: int, padding: int,
+            dilation: int) -> jax.Array:
+    """The adjoint of `_im2col`: every tap's slice added back where it was read."""
+    n, h, w, c = shape
+    out_h = h + 2 * padding - dilation * (k - 1)
+    out_w = w + 2 * padding - dilation * (k - 1)
+    cols = cols.reshape(n, out_h, out_w, k * k, c)
+    hp, wp = h + 2 * padding, w + 2 * padding
+    total = None
+    for t in range(k * k):
+        i, j = divmod(t, k)
+        y0, x0 = i * dilation, j * dilation
+        part = jnp.pad(cols[:, :, :, t], ((0, 0), (y0, hp - y0 - out_h), (x0, wp - x0 - out_w),
+                                          (0, 0)))
+        total = part if total is None else total + part
+    return total[:, padding:padding + h, padding:padding + w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_gemm(x: jax.Array, kernel: jax.Array, padding: int, dilation: int) -> jax.Array:
+    """A stride-1 conv (NHWC x HWIO) as one matrix product of im2col columns and the kernel.
+
+    Same maths as `lax.conv_general_dilated`; its backward is two more matrix products (and the
+    adjoint of im2col), where XLA:CPU's own conv backward first materialises a flipped,
+    transposed copy of the kernel: for the deep layers (512-1024 channels on 4x4..16x16 maps)
+    that copy and the small-spatial conv kernels cost 3-5x the matrix products
+    (experiments/conv_formulations.py).
+    """
+    return _conv2d_gemm_fwd(x, kernel, padding, dilation)[0]
+
+
+def _conv2d_gemm_fwd(x, kernel, padding, dilation):
+    k, _, c, o = kernel.shape
+    n, h, w, _ = x.shape
+    cols = _im2col(x, k, padding, dilation)
+    out_h = h + 2 * padding - dilation * (k - 1)
+    out_w = w + 2 * padding - dilation * (k - 1)
+    y = jax.lax.dot_general(cols, kernel.reshape(k * k * c, o), (((1,), (0,)), ((), ())),
+                            preferred_element_type=float_dtype_for(x.dtype))
+    return y.astype(x.dtype).reshape(n, out_h, out_w, o), (cols, kernel, x.shape)
+
+
+def _conv2d_gemm_bwd(padding, dilation, res, dy):
+    cols, kernel, shape = res
+    k, _, c, o = kernel.shape
+    dy2 = dy.reshape(-1, o)
+    dkernel = jax.lax.dot_general(cols, dy2, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=float_dtype_for(cols.dtype))
+    dcols = jax.lax.dot_general(dy2, kernel.reshape(k * k * c, o), (((1,), (1,)), ((), ())))
+    dx = _col2im(dcols, shape, k, padding, dilation)
+    return dx.astype(dy.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv2d_gemm.defvjp(_conv2d_gemm_fwd, _conv2d_gemm_bwd)
+
+# Output maps of at most this many pixels per image run as `conv2d_gemm`, larger ones as XLA's
+# conv (measured per UNet shape at crops 64 and 128 in experiments/conv_formulations.py: the
+# matrix form wins from 8 x 8 down, where the channels are 512-1024, and loses from 16 x 16 up).
+GEMM_MAX_PIXELS = 64
+
+
+def _small(height, width) -> bool:
+    """Whether an output map is small enough for `conv2d_gemm` (False for symbolic sizes, as
+    in a shape-polymorphic export)."""
+    if not all(isinstance(v, int) for v in (height, width)):
+        return False
+    return height * width <= GEMM_MAX_PIXELS
+
+
+class Conv(nnx.Module):
+    """torch.nn.Conv2d without bias on NHWC (HWIO `kernel`, as nnx.Conv), formulated per shape.
+
+    Stride-1 convs on small maps (<= GEMM_MAX_PIXELS output pixels per image) run as one matrix
+    product (`conv2d_gemm`), the others as `lax.conv_general_dilated`; same maths, different
+    summation order. The kernel is drawn exactly as nnx.Conv draws it (one `rngs.params()`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 stride: int = 1, padding: int = 0, dilation: int = 1, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.kernel = nnx.Param(KAIMING_FAN_OUT(rngs.params(), shape, param_dtype))
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        k, p, d, s = kernel.shape[0], self.padding, self.dilation, self.stride
+        if s == 1 and _small(x.shape[1] + 2 * p - d * (k - 1), x.shape[2] + 2 * p - d * (k - 1)):
+            return conv2d_gemm(x, kernel, p, d)
+        return jax.lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
+                                            rhs_dilation=(d, d),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class BatchNorm(nnx.Module):
@@ -110,23 +219,57 @@ class ConvModule(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
                  stride: int = 1, padding: int = 0, dilation: int = 1, dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.conv = nnx.Conv(
-            in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
-            padding=((padding, padding), (padding, padding)),
-            kernel_dilation=dilation, use_bias=False, kernel_init=KAIMING_FAN_OUT,
-            dtype=dtype, param_dtype=param_dtype_for(dtype), rngs=rngs)
+        self.conv = Conv(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, dtype=dtype,
+                         param_dtype=param_dtype_for(dtype), rngs=rngs)
         self.bn = BatchNorm(out_channels, param_dtype=param_dtype_for(dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.bn(self.conv(x)))
 
 
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """nn.MaxPool2d(2) on NHWC (floor mode); the gradient goes to the first maximum of each
+    window in raster order, as torch's. XLA's reduce_window gradient tracks argmax indices
+    in four int32 arrays the size of the input; this costs four compares instead."""
+    return _max_pool_fwd(x)[0]
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x):
+    y = jnp.max(_windows(x), axis=(2, 4))
+    return y, (x, y)
+
+
+def _max_pool_bwd(res, dy):
+    x, y = res
+    win = _windows(x)
+    taken = jnp.zeros(y.shape, bool)
+    parts = []
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        hit = (win[:, :, i, :, j] == y) & ~taken if (i, j) != (1, 1) else ~taken
+        taken = taken | hit
+        parts.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
+    n, hh, ww, c = y.shape
+    grad = jnp.stack(parts, axis=3).reshape(n, hh, ww, 2, 2, c)
+    grad = grad.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * hh, 2 * ww, c)
+    pad = ((0, 0), (0, x.shape[1] - 2 * hh), (0, x.shape[2] - 2 * ww), (0, 0))
+    return (jnp.pad(grad, pad),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class MaxPool(nnx.Module):
     """nn.MaxPool2d(kernel_size=2): stride 2, no padding, floor mode. Holds no parameters."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                                     "VALID")
+        return max_pool_2x2(x)
 
 
 class Upsample(nnx.Module):
