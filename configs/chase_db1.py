@@ -31,6 +31,7 @@ def get_config(arg=None):
     config.train.checkpoint_every = 4_000
     config.data.name = "chase_db1"
     config.data.manual_dir = "data/chase_db1"
+    config.data.image_size = (960, 999)
     config.data.img_scale = (960, 999)     # the native size 960 x 999
     config.data.crop_size = (128, 128)
     config.data.classes = ("background", "vessel")

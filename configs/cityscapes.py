@@ -33,6 +33,7 @@ def get_config(arg=None):
     config.train.checkpoint_every = 16_000
     config.data.name = "cityscapes"
     config.data.manual_dir = "data/cityscapes"
+    config.data.image_size = (1024, 2048)
     config.data.img_scale = (2048, 1024)   # the native size 1024 x 2048
     config.data.crop_size = (512, 1024)
     config.data.classes = CLASSES

@@ -35,6 +35,7 @@ def get_config(arg=None):
     config.data.name = "synthetic"
     config.data.manual_dir = ""            # generated, nothing to download
     config.data.synthetic = dict(image_size=192, num_train=20, num_validation=8, seed=0)
+    config.data.image_size = (192, 192)
     config.data.img_scale = (192, 192)
     config.data.crop_size = (64, 64)
     config.data.classes = ("background", "vessel")

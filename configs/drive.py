@@ -31,6 +31,7 @@ def get_config(arg=None):
     config.train.checkpoint_every = 4_000
     config.data.name = "drive"
     config.data.manual_dir = "data/drive"
+    config.data.image_size = (584, 565)
     config.data.img_scale = (584, 565)     # the native size: the test resize is an identity
     config.data.crop_size = (64, 64)
     config.data.classes = ("background", "vessel")

@@ -31,6 +31,7 @@ def get_config(arg=None):
     config.train.checkpoint_every = 4_000
     config.data.name = "hrf"
     config.data.manual_dir = "data/hrf"
+    config.data.image_size = (2336, 3504)
     config.data.img_scale = (2336, 3504)   # the native size 2336 x 3504
     config.data.crop_size = (256, 256)
     config.data.classes = ("background", "vessel")

@@ -31,6 +31,7 @@ def get_config(arg=None):
     config.train.checkpoint_every = 4_000
     config.data.name = "stare"
     config.data.manual_dir = "data/stare"
+    config.data.image_size = (605, 700)
     config.data.img_scale = (605, 700)     # the native size 605 x 700
     config.data.crop_size = (128, 128)
     config.data.classes = ("background", "vessel")

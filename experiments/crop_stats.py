@@ -7,7 +7,7 @@ Expected runtime: about 1 min on one CPU core for 20000 + 20000 crops.
 What it measures, over random 64x64 training crops of the 20 DRIVE training images:
 share of crops containing vessel, mean vessel fraction per crop, and the share of crops that pass
 mmseg's cat_max_ratio test (i.e. ended on an accepted bbox rather than the unchecked 11th).
-"ours" is `unet_jax.data.pipeline.TrainSampler` (the real batch path); "reference" is a plain,
+"ours" is `unet_jax.data.sampler.TrainSampler` (the real batch path); "reference" is a plain,
 sequential numpy/cv2 re-implementation of mmseg's RandomResize + RandomCrop(cat_max_ratio=0.75)
 written here from mmseg's RandomResize/RandomCrop, sharing no code with
 `unet_jax/data/augment.py` or tests/mmseg_reference.py.
@@ -87,13 +87,13 @@ def pipeline_crop_labels(images: list[np.ndarray], labels: list[np.ndarray], nam
     """`count` label crops of global samples 0..count-1 of unet_jax's training pipeline."""
     import tensorflow as tf
 
-    from unet_jax.data import pipeline
     from unet_jax.config import load_config
+    from unet_jax.data import pipeline, sampler as data_sampler
 
     ds = tf.data.Dataset.from_tensor_slices(
         {"image": np.stack(images), "label": np.stack(labels), "name": np.array(names)})
-    sampler = pipeline.TrainSampler(pipeline.cache_records(ds), load_config("configs/drive.py").data,
-                                    seed)
+    sampler = data_sampler.TrainSampler(pipeline.cache_records(ds),
+                                        load_config("configs/drive.py").data, seed)
     parts = [sampler.batch(np.arange(s, min(s + 256, count)))[1] for s in range(0, count, 256)]
     return np.concatenate(parts).astype(np.uint8)
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from unet_jax import browse, data
-from unet_jax.data.pipeline import train_dataset
+from unet_jax.data.pipeline import cache_records
+from unet_jax.data.sampler import train_batches
 from unet_jax.errors import InputError
 
 
@@ -40,8 +41,8 @@ def test_browse_writes_what_the_model_is_fed(train_config, tmp_path: Path):
     assert len(val) == 2  # the whole validation split (2 < num)
     assert sorted((tmp_path / "out" / "train").iterdir()) == sorted(train)
     # the same samples, drawn again by the training pipeline with the config's seed
-    batches = train_dataset(data.load_split(d, "train"), d, global_batch_size=2,
-                            seed=config.train.seed).as_numpy_iterator()
+    batches = train_batches(cache_records(data.load_split(d, "train")), d, global_batch_size=2,
+                            seed=config.train.seed)
     samples = [(b["image"][r], b["label"][r]) for b in (next(batches), next(batches))
                for r in range(2)][:3]
     for path, (normalised, label) in zip(train, samples):

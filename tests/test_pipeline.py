@@ -1,4 +1,5 @@
-"""unet_jax.data.pipeline: shapes, determinism per (seed, step), resume, host sharding, eval."""
+"""Input pipelines: training batches (unet_jax.data.sampler) are a pure function of (seed, step)
+whatever the number of worker processes (resume, host sharding); eval (unet_jax.data.pipeline)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from unet_jax.data import pipeline as P
+from unet_jax.data import sampler as S
 import mmseg_reference as T
 from unet_jax.data import augment as A
 from unet_jax.config import load_config
@@ -41,15 +43,18 @@ def _cfg() -> ml_collections.ConfigDict:
     return load_config("configs/drive.py").data
 
 
-def _take(ds: tf.data.Dataset, n: int) -> list[dict[str, np.ndarray]]:
-    return list(ds.take(n).as_numpy_iterator())
+def _take(ds: tf.data.Dataset, cfg, n: int, **kwargs) -> list[dict[str, np.ndarray]]:
+    """The first `n` training batches of `ds` (records cached from it), in step order."""
+    batches = S.train_batches(P.cache_records(ds), cfg, **kwargs)
+    try:
+        return [next(batches) for _ in range(n)]
+    finally:
+        batches.close()
 
 
 def test_shapes_and_values(drive) -> None:
-    ds = P.train_dataset(_ds(drive), _cfg(), global_batch_size=8, seed=0)
-    assert ds.element_spec["image"].shape == (8, 64, 64, 3)
-    assert ds.element_spec["label"].shape == (8, 64, 64)
-    batch = _take(ds, 1)[0]
+    batch = _take(_ds(drive), _cfg(), 1, global_batch_size=8, seed=0)[0]
+    assert batch["image"].shape == (8, 64, 64, 3) and batch["label"].shape == (8, 64, 64)
     assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
     assert set(np.unique(batch["label"])) <= {0, 1}
     lo = (0 - np.array(_cfg().mean)) / np.array(_cfg().std)
@@ -59,11 +64,11 @@ def test_shapes_and_values(drive) -> None:
 
 def test_deterministic_and_resumable(drive) -> None:
     cfg = _cfg()
-    a = _take(P.train_dataset(_ds(drive), cfg, global_batch_size=4, seed=3), 4)
-    b = _take(P.train_dataset(_ds(drive), cfg, global_batch_size=4, seed=3), 4)
-    resumed = _take(P.train_dataset(_ds(drive), cfg, global_batch_size=4, seed=3,
-                                    start_step=2), 2)
-    other = _take(P.train_dataset(_ds(drive), cfg, global_batch_size=4, seed=4), 1)
+    a = _take(_ds(drive), cfg, 4, global_batch_size=4, seed=3)
+    b = _take(_ds(drive), cfg, 4, global_batch_size=4, seed=3)
+    resumed = _take(_ds(drive), cfg, 2, global_batch_size=4, seed=3,
+                                    start_step=2)
+    other = _take(_ds(drive), cfg, 1, global_batch_size=4, seed=4)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["label"], y["label"])
@@ -76,16 +81,16 @@ def test_deterministic_and_resumable(drive) -> None:
 
 def test_host_sharding_concatenates_to_global_batch(drive) -> None:
     cfg = _cfg()
-    whole = _take(P.train_dataset(_ds(drive), cfg, global_batch_size=6, seed=1, start_step=5), 2)
-    hosts = [_take(P.train_dataset(_ds(drive), cfg, global_batch_size=6, seed=1, start_step=5,
-                                   process_index=p, process_count=2), 2) for p in range(2)]
+    whole = _take(_ds(drive), cfg, 2, global_batch_size=6, seed=1, start_step=5)
+    hosts = [_take(_ds(drive), cfg, 2, global_batch_size=6, seed=1, start_step=5,
+                                   process_index=p, process_count=2) for p in range(2)]
     for step in range(2):
         for key in ("image", "label"):
             joined = np.concatenate([hosts[0][step][key], hosts[1][step][key]])
             assert hosts[0][step][key].shape[0] == 3
             np.testing.assert_array_equal(joined, whole[step][key])
     with pytest.raises(ValueError, match="multiple of process_count=4"):
-        P.train_dataset(_ds(drive), cfg, global_batch_size=6, seed=1, process_count=4)
+        _take(_ds(drive), cfg, 1, global_batch_size=6, seed=1, process_count=4)
 
 
 def test_host_shard_reads_only_the_hosts_images() -> None:
@@ -99,8 +104,8 @@ def test_host_shard_reads_only_the_hosts_images() -> None:
     cfg = _cfg()
 
     def run(p: int, start: int, n: int):
-        return _take(P.train_dataset(shards[p], cfg, global_batch_size=8, seed=2, start_step=start,
-                                     process_index=p, process_count=2, host_shard=True), n)
+        return _take(shards[p], cfg, n, global_batch_size=8, seed=2, start_step=start,
+                     process_index=p, process_count=2, host_shard=True)
 
     for p in range(2):
         batches = run(p, 0, 3)
@@ -115,12 +120,12 @@ def test_host_shard_reads_only_the_hosts_images() -> None:
 
 
 def test_samples_follow_epoch_permutations_and_reference(drive) -> None:
-    sampler = P.TrainSampler(P.cache_records(_ds(drive)), _cfg(), seed=7)
+    sampler = S.TrainSampler(P.cache_records(_ds(drive)), _cfg(), seed=7)
     assert [r.name for r in sampler.records] == sorted(drive["name"])
     for epoch in range(3):  # every image once per epoch
         seen = sorted(sampler.image_index(epoch * 8 + j) for j in range(8))
         assert seen == list(range(8))
-    idx = P.step_indices(3, 6)
+    idx = S.step_indices(3, 6)
     images, labels = sampler.batch(idx)
     for k, i in enumerate(idx):  # the batch path equals the mmseg-structured reference
         image, label = sampler.pair(int(i))
@@ -135,8 +140,8 @@ def test_encoded_images_give_the_same_batches(drive) -> None:
     encoded = [cv2.imencode(".png", img[:, :, ::-1])[1].tobytes() for img in drive["image"]]
     enc = {"image": np.array(encoded, dtype=object), "label": drive["label"],
            "name": drive["name"]}
-    a = _take(P.train_dataset(_ds(drive), cfg, global_batch_size=4, seed=0), 2)
-    b = _take(P.train_dataset(_ds(enc), cfg, global_batch_size=4, seed=0), 2)
+    a = _take(_ds(drive), cfg, 2, global_batch_size=4, seed=0)
+    b = _take(_ds(enc), cfg, 2, global_batch_size=4, seed=0)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["label"], y["label"])
@@ -177,8 +182,8 @@ def test_fov_goes_to_evaluation_only() -> None:
     assert "fov" not in next(P.eval_dataset(_ds(no_fov), cfg))
     # training reads image, label and name only: the same batches with or without a fov
     assert [r.name for r in P.cache_records(_ds(arrays))] == ["a", "b", "c"]
-    with_fov = _take(P.train_dataset(_ds(arrays), cfg, global_batch_size=2, seed=3), 2)
-    without = _take(P.train_dataset(_ds(no_fov), cfg, global_batch_size=2, seed=3), 2)
+    with_fov = _take(_ds(arrays), cfg, 2, global_batch_size=2, seed=3)
+    without = _take(_ds(no_fov), cfg, 2, global_batch_size=2, seed=3)
     for x, y in zip(with_fov, without):
         assert set(x) == {"image", "label"}
         np.testing.assert_array_equal(x["image"], y["image"])
@@ -199,6 +204,21 @@ def test_variable_sized_generator_dataset() -> None:
     ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
     cfg = ml_collections.ConfigDict(_cfg().to_dict())
     cfg.img_scale = (64, 64)
-    batch = _take(P.train_dataset(ds, cfg, global_batch_size=3, seed=0), 3)[-1]
+    batch = _take(ds, cfg, 3, global_batch_size=3, seed=0)[-1]
     assert batch["image"].shape == (3, 64, 64, 3)
     assert [e["image"].shape[:2] for e in P.eval_dataset(ds, cfg)] == sizes
+
+
+def test_worker_processes_give_the_same_bits(drive) -> None:
+    """The batches are a function of (seed, step) only: 0 (in process), 1 or 2 workers, and a
+    resume at step 3 with 2 workers, give identical bytes."""
+    cfg = _cfg()
+    runs = {w: _take(_ds(drive), cfg, 5, global_batch_size=4, seed=5, workers=w)
+            for w in (0, 1, 2)}
+    resumed = _take(_ds(drive), cfg, 2, global_batch_size=4, seed=5, start_step=3, workers=2)
+    for w in (1, 2):
+        for x, y in zip(runs[0], runs[w]):
+            np.testing.assert_array_equal(x["image"], y["image"])
+            np.testing.assert_array_equal(x["label"], y["label"])
+    for x, y in zip(runs[0][3:], resumed):
+        np.testing.assert_array_equal(x["image"], y["image"])

@@ -24,8 +24,10 @@ def get_config(arg: str | None = None):
     config.train.lr = 0.01
     config.data.synthetic = dict(image_size=64, num_train=4, num_validation=2, seed=0)
     config.data.tfds_data_dir = os.environ.get("UNET_JAX_TEST_TFDS", "data/tfds")
+    config.data.image_size = (64, 64)
     config.data.img_scale = (64, 64)
     config.data.crop_size = (32, 32)
+    config.data.workers = 0  # in-process augmentation (tests/test_pipeline.py runs workers)
     config.eval.mode = "whole"
     config.eval.crop_size = (32, 32)
     config.eval.stride = (21, 21)

@@ -1,19 +1,24 @@
-"""Throughput benchmarks.
+"""Throughput benchmarks of the train step, the evaluation path and the input pipeline.
 
-    python -m unet_jax.benchmark input --config configs/drive.py [--steps 100] [--batch_size 16]
-        [--config.data.manual_dir=../shared/data/DRIVE --config.data.tfds_data_dir=/tmp/tfds]
+    python -m unet_jax.benchmark step  --config FILE[:ARG] [--batch_size N] [--json PATH]
+    python -m unet_jax.benchmark infer --config FILE[:ARG] [--image_size H,W] [--json PATH]
+    python -m unet_jax.benchmark input --config FILE[:ARG] --workers N [--drive_dir DIR] [--json PATH]
 
-`input`: training crops per second of the input pipeline (`unet_jax.data.pipeline.train_dataset`,
-tf.data with AUTOTUNE parallelism, all cores of this machine) at the config's global batch, plus
-the single-thread cost of the augmentation itself. The train split comes from the TFDS builder of
-`config.data` (prepared on first use from `data.manual_dir`); with `--in_memory_drive DIR` DRIVE's
-training images are read straight from the official folder layout instead (no TFDS).
-
-Subcommands are the entries of `SUBCOMMANDS` (name -> function(config) -> None).
+`step`: the jitted, donated train step at the config's crop on random data, median of `--steps`
+(>= 5) steps after warm-up, each blocked on its result. `infer`: the evaluation path (mmseg's test
+pipeline with `eval.mode` slide or whole, `inference.segment`) on one random uint8 image of
+`--image_size` (default `data.image_size`), median of `--reps`. `input`: training crops/s of the
+real pipeline (`sampler.train_batches`, `--workers` processes) on the real dataset (the TFDS
+split of `config.data`, or DRIVE's official folders with `--drive_dir`); `batch_sha256` hashes
+the first 4 batches, the same bits for any worker count. Each prints its figures and, with
+`--json`, writes them. experiments/bench_vs_mmseg.py puts these next to mmseg's own timings.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -22,144 +27,180 @@ from typing import Any
 
 import numpy as np
 
-
-def in_memory_drive(drive_dir: str | Path):
-    """DRIVE `training/` (images *.tif, 1st_manual *.gif // 128) as a tf.data.Dataset, no TFDS."""
-    import tensorflow as tf
-    from PIL import Image
-
-    root = Path(drive_dir) / "training"
-    names = sorted(p.name.split("_")[0] for p in (root / "images").glob("*_training.tif"))
-    if not names:
-        raise FileNotFoundError(
-            f"{root / 'images'}: expected DRIVE *_training.tif files, found none")
-    images = np.stack([np.asarray(Image.open(root / "images" / f"{n}_training.tif").convert("RGB"))
-                       for n in names])
-    labels = np.stack([(np.asarray(Image.open(root / "1st_manual" / f"{n}_manual1.gif")) // 128)
-                       .astype(np.uint8) for n in names])
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels,
-                                               "name": np.array(names)})
+from unet_jax import cli
+from unet_jax.errors import InputError
 
 
-def train_split(config: Any, drive_dir: str | None = None):
-    """The training split as a tf.data.Dataset: TFDS via `unet_jax.data`, or DRIVE from a folder."""
-    if drive_dir:
-        return in_memory_drive(drive_dir)
-    import unet_jax.data as data
-
-    return data.load_split(config.data, "train")
-
-
-def measure_input(config: Any, *, steps: int = 100, warmup: int = 10,
-                  batch_size: int | None = None, drive_dir: str | None = None) -> dict[str, float]:
-    """Crops/s of the training input pipeline; returns the numbers it prints."""
-    from unet_jax.data import pipeline
-
-    batch = int(batch_size or config.train.batch_size)
-    t0 = time.perf_counter()
-    ds = train_split(config, drive_dir)
-    train = pipeline.train_dataset(ds, config.data, global_batch_size=batch,
-                                   seed=int(config.train.seed))
-    it = train.as_numpy_iterator()
-    next(it)
-    t1 = time.perf_counter()
-    for _ in range(warmup):
-        next(it)
-    t2 = time.perf_counter()
-    for _ in range(steps):
-        next(it)
-    t3 = time.perf_counter()
-    pipeline_rate = steps * batch / (t3 - t2)
-
-    sampler = pipeline.TrainSampler(pipeline.cache_records(ds), config.data, int(config.train.seed))
-    n = max(batch, 256)
-    sampler.batch(np.arange(n))  # warm the resize tables
-    c0 = time.process_time()
-    sampler.batch(np.arange(n, 2 * n))
-    single = n / (time.process_time() - c0)
-    return {"pipeline_crops_per_s": pipeline_rate, "single_thread_crops_per_s": single,
-            "startup_s": t1 - t0, "batch": batch, "steps": steps}
+def _median_time(fn: Callable[[], Any], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def measure_train_step(config: Any, *, steps: int = 5, batch_size: int | None = None
-                       ) -> float:
-    """Crops/s the jitted train step consumes at the config's width and crop (random batch)."""
+def _platform() -> dict[str, Any]:
+    import jax
+    return {"platform": jax.devices()[0].platform, "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind}
+
+
+def measure_step(config: Any, *, batch_size: int = 0, steps: int = 5) -> dict[str, Any]:
+    """The jitted train step on one random batch at the config's crop (ms/step, images/s)."""
     import jax
     import jax.numpy as jnp
 
     from unet_jax.models import build_model
     from unet_jax.step import create_train_state, make_train_step
 
-    batch = int(batch_size or config.train.batch_size)
-    h, w = (int(v) for v in config.data.crop_size)
+    batch = batch_size or config.train.batch_size
+    h, w = config.data.crop_size
     train = create_train_state(build_model(config.model), config)
     step = jax.jit(make_train_step(train, config), donate_argnums=0)
-    state = train.state
     rng = np.random.default_rng(0)
-    data = {"image": jnp.asarray(rng.standard_normal((batch, h, w, 3), np.float32)),
-            "label": jnp.asarray(rng.integers(0, config.model.num_classes, (batch, h, w),
-                                              dtype=np.int32))}
-    state = jax.block_until_ready(step(state, data))
+    data = {"image": jnp.asarray(rng.standard_normal((batch, h, w, 3)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, config.model.num_classes, (batch, h, w)),
+                                 jnp.int32)}
+    state = train.state
     t0 = time.perf_counter()
-    for _ in range(steps):
-        state = step(state, data)
-    jax.block_until_ready(state)
-    return steps * batch / (time.perf_counter() - t0)
+    state = jax.block_until_ready(step(state, data))
+    first = time.perf_counter() - t0
+    state = jax.block_until_ready(step(state, data))  # a second warm-up step
+    holder = [state]
+
+    def one() -> None:
+        holder[0] = jax.block_until_ready(step(holder[0], data))
+
+    seconds = _median_time(one, max(steps, 5))
+    return {"ms_per_step": seconds * 1e3, "images_per_s": batch / seconds, "batch": batch,
+            "crop": [h, w], "dtype": config.model.dtype, "first_call_s": first,
+            "steps": max(steps, 5), **_platform()}
 
 
-def run_input(config: Any, flags: Any) -> None:
-    """`input` subcommand: print the input pipeline's training crops/s."""
-    r = measure_input(config, steps=flags.steps, batch_size=flags.batch_size,
-                      drive_dir=flags.in_memory_drive or None)
-    crop = "x".join(str(c) for c in config.data.crop_size)
-    print(f"dataset {config.data.name}, crop {crop}, global batch {r['batch']}, "
-          f"{os.cpu_count()} CPU cores")
-    print(f"input pipeline: {r['pipeline_crops_per_s']:.0f} training crops/s "
-          f"({r['pipeline_crops_per_s'] / r['batch']:.1f} batches/s over {r['steps']} steps; "
-          f"startup {r['startup_s']:.1f} s)")
-    print(f"augmentation alone, one thread: {r['single_thread_crops_per_s']:.0f} crops/s "
-          "(CPU time)")
-    if flags.train_steps > 0:
-        import jax
+def measure_infer(config: Any, *, image_size: tuple[int, int] | None = None,
+                  reps: int = 3) -> dict[str, Any]:
+    """The evaluation path on one random image (s/image; the first call includes compilation)."""
+    import jax
 
-        rate = measure_train_step(config, steps=flags.train_steps, batch_size=flags.batch_size)
-        print(f"train step ({jax.devices()[0].platform}, base_channels "
-              f"{config.model.base_channels}, {config.model.dtype}): consumes {rate:.1f} crops/s")
-        verdict = "not the bottleneck" if r["pipeline_crops_per_s"] > rate else "THE BOTTLENECK"
-        print(f"ratio pipeline / train step: {r['pipeline_crops_per_s'] / rate:.1f}x "
-              f"-> the input pipeline is {verdict}")
+    from unet_jax.inference import make_apply_fn, segment, slide_windows
+    from unet_jax.models import build_model
+
+    h, w = image_size or tuple(config.data.image_size)
+    image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    apply_fn = make_apply_fn(build_model(config.model))
+
+    def run() -> None:
+        jax.block_until_ready(segment(apply_fn, image, config))
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    windows = (len(slide_windows(h, w, config.eval.crop_size, config.eval.stride))
+               if config.eval.mode == "slide" else 1)
+    seconds = _median_time(run, reps)
+    return {"s_per_image": seconds, "first_call_s": first, "image_size": [h, w],
+            "mode": config.eval.mode, "windows": windows, "tta": config.eval.tta,
+            "dtype": config.model.dtype, "reps": reps, **_platform()}
 
 
-SUBCOMMANDS: dict[str, Callable[[Any, Any], None]] = {"input": run_input}
+def training_records(config: Any, drive_dir: str | None = None) -> list:
+    """The training records: DRIVE's official folders, or the TFDS split of `config.data`."""
+    if drive_dir:
+        from unet_jax.data.folders import drive_records
+        return drive_records(drive_dir)
+    import unet_jax.data as data
+    from unet_jax.data.pipeline import cache_records
+    return cache_records(data.load_split(config.data, "train"))
+
+
+def measure_input(config: Any, *, workers: int, steps: int = 100, batch_size: int = 0,
+                  drive_dir: str | None = None) -> dict[str, Any]:
+    """Training crops/s of `sampler.train_batches` with `workers` processes."""
+    from unet_jax.data.sampler import train_batches
+
+    batch = batch_size or config.train.batch_size
+    records = training_records(config, drive_dir)
+    t0 = time.perf_counter()
+    batches = train_batches(records, config.data, global_batch_size=batch,
+                            seed=config.train.seed, workers=workers)
+    digest = hashlib.sha256()
+    try:
+        for _ in range(4):
+            b = next(batches)
+            digest.update(b["image"].tobytes())
+            digest.update(b["label"].tobytes())
+        startup = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            next(batches)
+        seconds = time.perf_counter() - t1
+    finally:
+        batches.close()
+    return {"crops_per_s": steps * batch / seconds, "workers": workers, "batch": batch,
+            "steps": steps, "batch_sha256": digest.hexdigest(), "startup_s": startup,
+            "cpu_cores": os.cpu_count(), "dataset": config.data.name,
+            "source": drive_dir or "tfds"}
+
+
+def _report(name: str, result: dict[str, Any], json_path: str) -> None:
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in result.items())
+    print(f"{name}: {shown}")
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError as err:
+        raise InputError(f"--image_size {text!r}: expected H,W, e.g. 584,565") from err
+    if h < 1 or w < 1:
+        raise InputError(f"--image_size {text!r}: expected positive sides")
+    return h, w
 
 
 def main(config: Any, argv: list[str]) -> None:
     """Run the subcommand named in `argv`."""
     from absl import flags
 
-    from unet_jax.errors import InputError
-
-    if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-        raise InputError(f"usage: python -m unet_jax.benchmark {{{'|'.join(SUBCOMMANDS)}}} "
-                         f"--config configs/<dataset>.py; found arguments {argv[1:]}")
-    SUBCOMMANDS[argv[1]](config, flags.FLAGS)
+    f = flags.FLAGS
+    if len(argv) != 2 or argv[1] not in ("step", "infer", "input"):
+        raise InputError("usage: python -m unet_jax.benchmark step|infer|input --config "
+                         f"configs/<dataset>.py; found arguments {argv[1:]}")
+    what = argv[1]
+    if what == "step":
+        result = measure_step(config, batch_size=f.batch_size, steps=f.steps)
+    elif what == "infer":
+        result = measure_infer(config, image_size=_size(f.image_size), reps=f.reps)
+    else:
+        workers = config.data.workers if f.workers < 0 else f.workers
+        result = measure_input(config, workers=workers, steps=f.steps or 100,
+                               batch_size=f.batch_size, drive_dir=f.drive_dir or None)
+    _report(what, result, f.json)
 
 
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_integer("steps", 100, "timed steps (after 10 warm-up steps)")
-    flags.DEFINE_integer("train_steps", 5, "timed train steps for the consumption figure "
-                         "(0: skip)")
     flags.DEFINE_integer("batch_size", 0, "global batch (0: config.train.batch_size)")
-    flags.DEFINE_string("in_memory_drive", "", "read DRIVE's official training/ folder from "
-                        "this directory instead of TFDS")
+    flags.DEFINE_integer("steps", 0, "timed steps (step: at least 5; input: default 100)")
+    flags.DEFINE_integer("reps", 3, "infer: timed runs after the first")
+    flags.DEFINE_string("image_size", "", "infer: H,W of the random image (default "
+                        "data.image_size)")
+    flags.DEFINE_integer("workers", -1, "input: augmentation processes (-1: data.workers)")
+    flags.DEFINE_string("drive_dir", "", "input: read DRIVE's official folders from here "
+                        "instead of TFDS")
+    flags.DEFINE_string("json", "", "also write the figures as JSON here")
 
 
 def run() -> None:
     """`python -m unet_jax.benchmark` / the `unet-jax-benchmark` console entry."""
-    from unet_jax import cli
-
     cli.run(main, prog="unet_jax.benchmark", define_flags=_define_flags)
 
 

@@ -9,7 +9,7 @@ a crop) left as the image):
 
 * `DIR/train/step<S>_<R>.png`: the first --num samples a single-host training run with this
   config draws (global batch `train.batch_size`, seed `train.seed`: sample R of step S), made by
-  the real input pipeline (`unet_jax.data.pipeline.train_dataset`): random resize, crop, flip and
+  the real input pipeline (`unet_jax.data.sampler.train_batches`): random resize, crop, flip and
   photometric distortion, at the crop size `data.crop_size`. The pipeline's images are normalised
   float RGB; they are de-normalised with `data.mean` / `data.std` for display (the padding of a
   crop then shows the mean colour).
@@ -80,7 +80,8 @@ def browse(config: Any, output: str | Path, num: int = 16, *, progress: bool = T
     import tensorflow as tf
 
     from unet_jax import data
-    from unet_jax.data.pipeline import eval_dataset, train_dataset
+    from unet_jax.data.pipeline import cache_records, eval_dataset
+    from unet_jax.data.sampler import train_batches
 
     if num < 1:
         raise InputError(f"--num: expected a positive number of samples, found {num}")
@@ -93,8 +94,9 @@ def browse(config: Any, output: str | Path, num: int = 16, *, progress: bool = T
                unit="png", disable=not progress)
     written: dict[str, list[Path]] = {TRAIN_DIR: [], VALIDATION_DIR: []}
     train_dir.mkdir(parents=True, exist_ok=True)
-    batches = train_dataset(train_split, d, global_batch_size=batch, seed=int(config.train.seed),
-                            host_shard=bool(d.host_shard)).as_numpy_iterator()
+    batches = train_batches(cache_records(train_split), d, global_batch_size=batch,
+                            seed=int(config.train.seed), host_shard=bool(d.host_shard),
+                            workers=0)
     for step in range((num + batch - 1) // batch):
         samples = next(batches)
         for row in range(min(batch, num - step * batch)):

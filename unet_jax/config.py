@@ -282,6 +282,7 @@ def _check_data(c: Any) -> None:
     _choice(c, "data.name", DATASET_NAMES)
     _str(c, "data.manual_dir")
     _str(c, "data.tfds_data_dir", allow_empty=False)
+    _ints(c, "data.image_size", 2)
     _ints(c, "data.img_scale", 2)
     crop = _ints(c, "data.crop_size", 2)
     rate = _rate(c)
@@ -308,6 +309,7 @@ def _check_data(c: Any) -> None:
             and all(isinstance(v, int) and 0 <= v <= 255 for v in p) for p in palette)):
         raise _fail("data.palette", f"{num_classes} RGB colours of 0..255", palette)
     _bool(c, "data.host_shard")
+    _int(c, "data.workers", 0)
     name = c.data.name
     for key in DATASET_OPTIONS.get(name, ()):
         _int(c, f"data.{name}.{key}", 0 if key == "seed" else 1)

@@ -9,6 +9,7 @@ one unset.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 
 import ml_collections
@@ -18,9 +19,18 @@ LOSSES = ("ce", "ce_dice")
 # Filled in by each dataset config.
 DATASET_FIELDS = (
     "model.num_classes", "train.num_steps", "train.eval_every", "train.checkpoint_every",
-    "data.name", "data.manual_dir", "data.img_scale", "data.crop_size", "data.classes",
+    "data.name", "data.manual_dir", "data.image_size", "data.img_scale", "data.crop_size",
+    "data.classes",
     "data.palette", "data.host_shard", "eval.mode", "eval.crop_size", "eval.stride",
     "eval.metric")
+
+
+def _cores() -> int:
+    """The CPU cores this process may use (the default number of augmentation workers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def parse_arg(arg: str | None, rows: Collection[tuple[str, str]], config_name: str,
@@ -100,6 +110,7 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         name=None,
         manual_dir=None,         # the official archives or their extracted folders
         tfds_data_dir="data/tfds",
+        image_size=None,         # the dataset's images (h, w): the benchmarks' default size
         img_scale=None,          # mmseg's img_scale: (long, short)-style keep-ratio target
         crop_size=None,
         ratio_range=(0.5, 2.0),
@@ -111,6 +122,7 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         classes=None,
         palette=None,
         host_shard=None,         # each host reads only its shard of the training split
+        workers=_cores(),        # augmentation processes (0: in the training process)
     ))
     c.eval = ml_collections.ConfigDict(dict(
         mode=None,               # slide | whole

@@ -252,12 +252,13 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
                       in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                       out_shardings=state_sharding, donate_argnums=0)
 
-    from unet_jax.data.pipeline import train_dataset
-    batches: Iterator[dict[str, np.ndarray]] = train_dataset(
-        train_ds, config.data, global_batch_size=t.batch_size, seed=t.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        host_shard=config.data.host_shard,
-    ).as_numpy_iterator()
+    from unet_jax.data.pipeline import cache_records
+    from unet_jax.data.sampler import train_batches
+    batches: Iterator[dict[str, np.ndarray]] = train_batches(
+        cache_records(train_ds), config.data, global_batch_size=t.batch_size, seed=t.seed,
+        start_step=start, process_index=jax.process_index(),
+        process_count=jax.process_count(), host_shard=config.data.host_shard,
+        workers=config.data.workers)
 
     # ---- the loop
     watcher = checkpoint.PreemptionWatcher()
@@ -304,6 +305,7 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
                 raise Preempted(step, workdir)
         ckpts.wait()
     finally:
+        batches.close()  # stops the augmentation workers
         bar.close()
         watcher.close()
         board.close()
