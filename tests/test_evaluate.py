@@ -203,3 +203,59 @@ def test_overlay_and_comparison(tmp_path: Path):
     np.testing.assert_array_equal(saved[:, :5], image)
     np.testing.assert_array_equal(saved[:, 9:14], colorize(label, palette))
     np.testing.assert_array_equal(saved[:, 18:], colorize(label[:, ::-1], palette))
+
+
+def test_counts_summed_over_processes_equal_the_merged_counts(monkeypatch):
+    """Two processes (threads here) exchange their counts through the all-gather: each gets
+    the merged accumulators, also when one process saw no FOV sample; int64 counts above
+    2**31 survive the int32 transport."""
+    import threading
+
+    from unet_jax import evaluate as ev
+    from unet_jax import fov_metrics, metrics
+
+    big = np.array([2**40 + 3, -5, 2**62], np.int64)  # the real transport, on one process
+    np.testing.assert_array_equal(ev._allgather_int64(big), big[None])
+    rng = np.random.default_rng(0)
+    accs = []
+    for _ in range(2):
+        acc = metrics.ConfusionAccumulator(2)
+        acc.add_counts(rng.integers(0, 2**40, (4, 2)), num_images=3)
+        accs.append(acc)
+    fov = fov_metrics.FovAccumulator()
+    fov.add_counts(rng.integers(0, 2**40, 4), rng.integers(0, 2**35, (2, fov_metrics.NUM_BINS)),
+                   num_images=2)
+    fovs = [fov, None]
+
+    slots: list = [None, None]
+    barrier = threading.Barrier(2)
+    local = threading.local()
+
+    def allgather(values):
+        barrier.wait()
+        slots[local.rank] = np.asarray(values, np.int64)
+        barrier.wait()
+        gathered = np.stack(slots)
+        barrier.wait()
+        return gathered
+
+    monkeypatch.setattr(ev, "_allgather_int64", allgather)
+    results: list = [None, None]
+
+    def process(rank):
+        local.rank = rank
+        results[rank] = ev._summed_over_processes(accs[rank], fovs[rank])
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    merged = accs[0].merge(accs[1])
+    for acc, fov_acc in results:
+        assert acc.num_images == 6
+        for name in metrics.COUNT_NAMES:
+            np.testing.assert_array_equal(getattr(acc, name), getattr(merged, name))
+        assert fov_acc.num_images == 2
+        np.testing.assert_array_equal(fov_acc.confusion, fov.confusion)
+        np.testing.assert_array_equal(fov_acc.histogram, fov.histogram)

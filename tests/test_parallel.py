@@ -1,4 +1,5 @@
-"""Data parallelism: 1 device vs 4 devices vs 2 processes x 2 devices give the same training."""
+"""Data parallelism: 1 device vs 4 devices vs 2 processes x 2 devices give the same training
+and the same evaluation."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,13 @@ FLAGS = ("--config.train.num_steps=3", "--config.train.batch_size=4",
          "--config.train.log_every=1", "--config.train.eval_every=0",
          "--config.train.checkpoint_every=0")
 TERMS = ("loss", "decode.loss_ce", "aux.loss_ce", "lr")
+# Validation by slide inference (crop 32, stride 21 on 64 x 64: 9 windows per image), one
+# window per device per step whatever the layout: batch_windows = the devices per process.
+SLIDE = ("--config.eval.mode=slide",)
+
+
+def _windows(devices: int) -> str:
+    return f"--config.eval.batch_windows={devices}"
 
 
 def _devices_env(env: dict[str, str], count: int) -> dict[str, str]:
@@ -49,7 +57,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def four_device_run(tmp_path_factory, run_env) -> Path:
     workdir = tmp_path_factory.mktemp("par") / "four"
-    done = run_cli(_devices_env(run_env, 4), workdir, *FLAGS)
+    done = run_cli(_devices_env(run_env, 4), workdir, *FLAGS, *SLIDE, _windows(4))
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir
 
@@ -59,20 +67,22 @@ def test_four_devices_match_one(tmp_path, train_config, four_device_run):
 
     assert jax.device_count() == 1  # this process: the one-device reference
     one = tmp_path / "one"
-    train_and_evaluate(train_config(num_steps=3, batch_size=4, log_every=1, eval_every=0,
-                                    checkpoint_every=0), one)
+    config = train_config(num_steps=3, batch_size=4, log_every=1, eval_every=0,
+                          checkpoint_every=0)
+    config.eval.mode, config.eval.batch_windows = "slide", 1
+    train_and_evaluate(config, one)
     _assert_same_training(one, four_device_run)
 
 
-def test_two_processes_match_one_process(tmp_path, run_env, four_device_run):
-    workdir = tmp_path / "multi"
-    env = _devices_env(run_env, 2)
+def _two_processes(env: dict[str, str], workdir: Path, *flags: str) -> list[str]:
+    """Run the CLI as 2 processes x 2 devices; their stdouts (asserts both succeed)."""
+    env = _devices_env(env, 2)
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for pid in range(2):
         cmd = [sys.executable, str(RUN_MAIN), f"--config={TINY}", f"--workdir={workdir}",
                "--jax_cache_dir=", f"--coordinator_address={address}", "--num_processes=2",
-               f"--process_id={pid}", *FLAGS]
+               f"--process_id={pid}", *flags]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outputs = []
@@ -85,9 +95,43 @@ def test_two_processes_match_one_process(tmp_path, run_env, four_device_run):
                 p.kill()
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "4 cpu device(s) in 2 process(es), global batch 4 (2 per process)" in outputs[0][0]
+    return [out for out, _ in outputs]
+
+
+def test_two_processes_match_one_process(tmp_path, run_env, four_device_run):
+    workdir = tmp_path / "multi"
+    outputs = _two_processes(run_env, workdir, *FLAGS, *SLIDE, _windows(2))
+    assert "4 cpu device(s) in 2 process(es), global batch 4 (2 per process)" in outputs[0]
     _assert_same_training(four_device_run, workdir)
     assert (workdir / "checkpoints" / "3" / "model").is_dir()
+
+
+def test_evaluation_same_on_one_device_four_devices_and_two_processes(tmp_path, run_env,
+                                                                       train_config,
+                                                                       four_device_run):
+    """One checkpoint, evaluated by 1 device, by 4 devices (the 4-device run's last
+    validation) and by 2 processes x 2 devices (each process takes every other image, the
+    counts are summed over the processes): the same metrics, exactly. Each device runs one
+    window per step in every layout, so every logit is the same float computation, summed
+    into the canvas in the same order; the counts are integers."""
+    from unet_jax.train import evaluate_checkpoint
+
+    def records(workdir: Path) -> dict:
+        line = [r for r in read_metrics(workdir) if r["split"] == "validation"][-1]
+        return {k: v for k, v in line.items() if k != "mode"}
+
+    four = records(four_device_run)
+    config = train_config()
+    config.eval.mode, config.eval.batch_windows = "slide", 1
+    config.init_from = str(four_device_run)
+    one = tmp_path / "one"
+    evaluate_checkpoint(config, one)
+    multi = tmp_path / "multi"
+    _two_processes(run_env, multi, "--mode=eval", f"--config.init_from={four_device_run}",
+                   *SLIDE, _windows(2))
+    assert four["step"] == 3
+    assert records(one) == four
+    assert records(multi) == four
 
 
 SHARDED_INIT = """

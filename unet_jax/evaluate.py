@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 from tqdm import tqdm
 
 from unet_jax import fov_metrics, metrics
@@ -61,15 +60,18 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
     (uint8 H x W x 3 RGB, original size), `label` (uint8 H x W, 255 = ignore), optionally
     `name`, `image_normalised` (the resized, normalised image of the eval input pipeline,
     used instead of resizing on the host when TTA is off) and `fov` (H x W, nonzero inside the
-    field of view; every sample or none). With `fov` the summary also has `fov`: {Se, Sp, Acc,
+    field of view; every sample or none). On several processes each takes every
+    `process_count`-th sample and the counts are summed over the processes, so the metrics are
+    exactly those of one process. With `fov` the summary also has `fov`: {Se, Sp, Acc,
     AUC, F1} of the vessel class (class 1 of 2) pooled over the FOV pixels that are not
     ignored, in percent (`fov_metrics.FovAccumulator.summary`); AUC ranks the vessel
     probability (softmax of the logits, or the TTA-averaged probability). At most
     `config.eval.max_images` samples are used (0 = all). With `return_examples=k` also returns
     the first k samples as dicts {name, image, label, pred (uint8 H x W)}, e.g. for
-    `save_comparison_png`.
+    `save_comparison_png` (from this process's samples).
     """
     apply_fn = make_apply_fn(model) if isinstance(model, nnx.Module) else model
+    process, processes = jax.process_index(), jax.process_count()
     num_classes = config.model.num_classes
     ignore_index = config.loss.ignore_index
     max_images = config.eval.max_images
@@ -77,6 +79,8 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
     if hasattr(dataset, "__len__"):
         n = len(dataset)  # type: ignore[arg-type]
         total = min(n, max_images) if max_images else n
+    if total is not None:
+        total = len(range(process, total, processes))
     acc = metrics.ConfusionAccumulator(num_classes, ignore_index)
     fov_acc: fov_metrics.FovAccumulator | None = None
     # per-image counts still on device (keeps dispatch async): (counts, FOV counts or None)
@@ -89,10 +93,13 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
             fov_acc.add_counts(*(np.asarray(c) for c in fov_counts))
 
     bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, leave=False)
+    seen = 0
     try:
         for index, sample in enumerate(dataset):
             if max_images and index >= max_images:
                 break
+            if index % processes != process:
+                continue  # another process's sample
             image = np.asarray(sample["image"])
             name = _name(sample, index)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -100,7 +107,7 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
                                  f"{image.dtype} {image.shape}")
             label = _map_2d(sample["label"], image.shape[:2], name, "label")
             has_fov = sample.get("fov") is not None
-            if index == 0 and has_fov:
+            if seen == 0 and has_fov:
                 if num_classes != 2:
                     raise ConfigError(f"model.num_classes: FOV metrics (sample {name!r} has a "
                                       "fov mask) expected 2 classes (background, vessel), "
@@ -122,20 +129,52 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
             pending.append((counts, fov_counts))
             if len(pending) > 1:
                 add(*pending.pop(0))
-            if index < return_examples:
+            if seen < return_examples:
                 examples.append({"name": name, "image": image, "label": label,
                                  "pred": np.asarray(pred).astype(np.uint8)})
+            seen += 1
             bar.update(1)
     finally:
         bar.close()
     for counts, fov_counts in pending:
         add(counts, fov_counts)
+    if processes > 1:
+        acc, fov_acc = _summed_over_processes(acc, fov_acc)
     if acc.num_images == 0:
         raise ValueError("evaluate: the dataset yielded no samples")
     summary = metrics.summarize(acc, list(config.data.classes))
     if fov_acc is not None:
         summary["fov"] = fov_acc.summary()
     return (summary, examples) if return_examples else summary
+
+
+def _allgather_int64(values: np.ndarray) -> np.ndarray:
+    """Every process's int64 array, stacked (exact: sent as int32 pairs, whatever x64 says)."""
+    from jax.experimental import multihost_utils
+    halves = np.ascontiguousarray(values, np.int64).view(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(halves))
+    return np.ascontiguousarray(gathered).view(np.int64)
+
+
+def _summed_over_processes(acc: metrics.ConfusionAccumulator,
+                           fov_acc: fov_metrics.FovAccumulator | None):
+    """The accumulators' counts summed over all processes (every process gets the sums)."""
+    counts = np.concatenate([np.stack([getattr(acc, n) for n in metrics.COUNT_NAMES]).ravel(),
+                             [acc.num_images]])
+    total = _allgather_int64(counts).sum(axis=0)
+    c = acc.num_classes
+    summed = metrics.ConfusionAccumulator(c, acc.ignore_index)
+    summed.add_counts(total[:-1].reshape(4, c), num_images=int(total[-1]))
+    has_fov = int(_allgather_int64(np.array([fov_acc is not None], np.int64)).max())
+    if not has_fov:
+        return summed, None
+    fov_acc = fov_acc or fov_metrics.FovAccumulator(acc.ignore_index)
+    confusion = _allgather_int64(fov_acc.confusion).sum(axis=0)
+    histogram = _allgather_int64(fov_acc.histogram).sum(axis=0)
+    images = int(_allgather_int64(np.array([fov_acc.num_images], np.int64)).sum())
+    fov_summed = fov_metrics.FovAccumulator(acc.ignore_index)
+    fov_summed.add_counts(confusion, histogram, num_images=images)
+    return summed, fov_summed
 
 
 # ------------------------------------------------------------------------------ overlays
@@ -184,5 +223,6 @@ def save_comparison_png(path: str | Path, image: np.ndarray, gt: np.ndarray, pre
     canvas[:, 2 * (width + gap):] = colorize(pred, palette)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image  # here only: evaluation itself runs without Pillow (GPU report)
     Image.fromarray(canvas).save(path)
     return path

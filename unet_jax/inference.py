@@ -49,9 +49,11 @@ Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), end exclusive
 
 
 # ------------------------------------------------------------------------------ the model
-@functools.partial(jax.jit, static_argnums=0)
-def _predict(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state).predict(x).astype(jnp.float32)
+
+
+_predict = jax.jit(_forward, static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,30 +62,56 @@ class ModelApply:
 
     Compiled once per input shape; the cache is keyed by the model structure, so building a new
     `ModelApply` from the same model with new weights (e.g. at every evaluation of a training
-    run) reuses the compiled code.
+    run) reuses the compiled code. `mesh` (this process's devices, axis `data`) is where slide
+    windows are spread; the state lives replicated on it.
     """
 
     graphdef: nnx.GraphDef
     state: nnx.State
     size_divisor: int = 16
+    mesh: jax.sharding.Mesh | None = None
 
     def __call__(self, x: Any) -> jax.Array:
         return _predict(self.graphdef, self.state, jnp.asarray(x, jnp.float32))
 
 
-def make_apply_fn(model: nnx.Module) -> ModelApply:
+def local_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh (axis `data`) over this process's devices."""
+    devices = jax.local_devices()
+    return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`tree` replicated on `mesh`, reusing the buffers a replicated array already has there."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    local = set(mesh.devices.flat)
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and x.is_fully_replicated:
+            shards = {s.device: s.data for s in x.addressable_shards}
+            if local <= set(shards):
+                return jax.make_array_from_single_device_arrays(
+                    x.shape, sharding, [shards[d] for d in mesh.devices.flat])
+        return jax.device_put(x, sharding)
+    return jax.tree.map(one, tree)
+
+
+def make_apply_fn(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> ModelApply:
     """Wrap `model` for inference: an eval view (BN running stats, no dropout), jit-compiled.
 
-    The view shares the model's arrays (no copy) and leaves `model` as it is (a training model
-    stays in train mode); the current arrays are captured, so call this again after the weights
-    change.
+    The view shares the model's arrays (no copy; a training state replicated over all devices
+    is used in place) and leaves `model` as it is (a training model stays in train mode); the
+    current arrays are captured, so call this again after the weights change. Slide windows
+    are spread over `mesh` (default: this process's devices).
     """
     view = nnx.view(model, deterministic=True, use_running_average=True,
                     raise_if_not_found=False)
     graphdef, state = nnx.split(view)
+    mesh = mesh or local_mesh()
     backbone = getattr(model, "backbone", None)
     divisor = int(getattr(backbone, "downsample_rate", 16) or 1)
-    return ModelApply(graphdef, state, divisor)
+    return ModelApply(graphdef, _on_mesh(state, mesh), divisor, mesh)
 
 
 def _divisor(apply_fn: ApplyFn, size_divisor: int | None) -> int:
@@ -139,43 +167,82 @@ def window_count(height: int, width: int, windows: Sequence[Window]) -> np.ndarr
     return count
 
 
-@functools.lru_cache(maxsize=32)
-def _grid(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int],
-          ) -> tuple[list[Window], np.ndarray, jax.Array]:
-    """Windows and per-pixel window count (numpy, and on device) of an image size; cached."""
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Everything static about one slide-inference program: sizes, windows, batching."""
+    height: int
+    width: int
+    win_hw: tuple[int, int]
+    pad_hw: tuple[int, int]
+    ys: tuple[int, ...]       # window origins, padded with dummies to steps * batch
+    xs: tuple[int, ...]
+    valid: tuple[bool, ...]
+    batch: int
+    num_classes: int
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int],
+              divisor: int, batch_windows: int, devices: int, num_classes: int) -> _Geometry:
     windows = slide_windows(height, width, crop, stride)
-    count = window_count(height, width, windows)
-    return windows, count, jnp.asarray(count, jnp.float32)[:, :, None]
+    win_hw = (windows[0][1] - windows[0][0], windows[0][3] - windows[0][2])
+    pad_hw = (_round_up(win_hw[0], divisor), _round_up(win_hw[1], divisor))
+    batch = _round_up(min(batch_windows, len(windows)), devices)  # whole windows per device
+    total = _round_up(len(windows), batch)
+    ys = [w[0] for w in windows] + [0] * (total - len(windows))
+    xs = [w[2] for w in windows] + [0] * (total - len(windows))
+    valid = [True] * len(windows) + [False] * (total - len(windows))
+    return _Geometry(height, width, win_hw, pad_hw, tuple(ys), tuple(xs), tuple(valid), batch,
+                     num_classes)
 
 
-@functools.partial(jax.jit, static_argnames=("win_hw", "pad_hw"))
-def _extract(image: jax.Array, ys: jax.Array, xs: jax.Array, *, win_hw: tuple[int, int],
-             pad_hw: tuple[int, int]) -> jax.Array:
-    """(B, ph, pw, 3) windows of `image` at (ys, xs), zero-padded bottom/right to pad_hw."""
-    (wh, ww), (ph, pw) = win_hw, pad_hw
-    channels = image.shape[-1]
+def _slide(forward: Callable[[jax.Array], jax.Array], image: jax.Array, g: _Geometry,
+           mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """The whole slide inference of one image as one program: every batch of windows cut out,
+    run (spread over `mesh`), added into the canvas; the canvas divided by the window count."""
+    (wh, ww), (ph, pw) = g.win_hw, g.pad_hw
+    steps = len(g.ys) // g.batch
+    ys = jnp.asarray(g.ys, jnp.int32).reshape(steps, g.batch)
+    xs = jnp.asarray(g.xs, jnp.int32).reshape(steps, g.batch)
+    valid = jnp.asarray(g.valid).reshape(steps, g.batch)
 
-    def one(y: jax.Array, x: jax.Array) -> jax.Array:
-        win = jax.lax.dynamic_slice(image, (y, x, 0), (wh, ww, channels))
+    def cut(y: jax.Array, x: jax.Array) -> jax.Array:
+        win = jax.lax.dynamic_slice(image, (y, x, 0), (wh, ww, image.shape[-1]))
         return jnp.pad(win, ((0, ph - wh), (0, pw - ww), (0, 0)))
 
-    return jax.vmap(one)(ys, xs)
+    def step(canvas: jax.Array, batch: tuple[jax.Array, jax.Array, jax.Array]):
+        bys, bxs, bvalid = batch
+        crops = jax.vmap(cut)(bys, bxs)
+        if mesh is not None and mesh.devices.size > 1:
+            crops = jax.lax.with_sharding_constraint(
+                crops, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        logits = forward(crops)
+
+        def add(i: jax.Array, canvas: jax.Array) -> jax.Array:
+            start = (bys[i], bxs[i], 0)
+            current = jax.lax.dynamic_slice(canvas, start, (wh, ww, g.num_classes))
+            update = jnp.where(bvalid[i], current + logits[i, :wh, :ww], current)
+            return jax.lax.dynamic_update_slice(canvas, update, start)
+
+        return jax.lax.fori_loop(0, g.batch, add, canvas), None
+
+    canvas = jnp.zeros((g.height, g.width, g.num_classes), jnp.float32)
+    canvas, _ = jax.lax.scan(step, canvas, (ys, xs, valid))
+    count = np.zeros((g.height, g.width), np.float32)
+    for y, x, ok in zip(g.ys, g.xs, g.valid):
+        count[y:y + wh, x:x + ww] += ok
+    return canvas / jnp.asarray(count)[:, :, None]
 
 
-@functools.partial(jax.jit, static_argnames=("win_hw",))
-def _accumulate(canvas: jax.Array, logits: jax.Array, ys: jax.Array, xs: jax.Array,
-                valid: jax.Array, *, win_hw: tuple[int, int]) -> jax.Array:
-    """Add each valid window's logits (cropped to win_hw) into the canvas, in batch order."""
-    wh, ww = win_hw
-    channels = canvas.shape[-1]
+@functools.partial(jax.jit, static_argnames=("graphdef", "geometry", "mesh"))
+def _slide_model(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, *,
+                 geometry: _Geometry, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    return _slide(lambda x: _forward(graphdef, state, x), image, geometry, mesh)
 
-    def body(i: jax.Array, canvas: jax.Array) -> jax.Array:
-        start = (ys[i], xs[i], 0)
-        current = jax.lax.dynamic_slice(canvas, start, (wh, ww, channels))
-        update = jnp.where(valid[i], current + logits[i, :wh, :ww], current)
-        return jax.lax.dynamic_update_slice(canvas, update, start)
 
-    return jax.lax.fori_loop(0, logits.shape[0], body, canvas)
+@functools.partial(jax.jit, static_argnames=("forward", "geometry"))
+def _slide_fn(forward: ApplyFn, image: jax.Array, *, geometry: _Geometry) -> jax.Array:
+    return _slide(forward, image, geometry, None)
 
 
 def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: Sequence[int],
@@ -184,36 +251,31 @@ def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: 
                     ) -> jax.Array | tuple[jax.Array, np.ndarray]:
     """mmseg slide inference of one normalised image (1, H, W, 3) or (H, W, 3) -> (H, W, C).
 
-    Raw logits of overlapping windows are averaged (not probabilities). With `return_count`,
-    also returns the per-pixel window count (H, W) int32.
+    Raw logits of overlapping windows are averaged (not probabilities). One compiled program
+    per image size does it all; a `ModelApply`'s windows are spread over its mesh, in batches
+    of `batch_windows` (fewer for a small image; a multiple of the device count; the last
+    batch filled with dummy windows). With `return_count`, also returns the per-pixel window
+    count (H, W) int32.
     """
+    if int(batch_windows) < 1:
+        raise ValueError(f"batch_windows must be >= 1; found {batch_windows}")
     x = _as_hwc(image)
     height, width = int(x.shape[0]), int(x.shape[1])
-    windows, count, count_device = _grid(height, width, (int(crop[0]), int(crop[1])),
-                                         (int(stride[0]), int(stride[1])))
-    win_hw = (windows[0][1] - windows[0][0], windows[0][3] - windows[0][2])
-    divisor = _divisor(apply_fn, size_divisor)
-    pad_hw = (_round_up(win_hw[0], divisor), _round_up(win_hw[1], divisor))
-    batch = int(batch_windows)
-    if batch < 1:
-        raise ValueError(f"batch_windows must be >= 1; found {batch_windows}")
-    canvas = jnp.zeros((height, width, int(num_classes)), jnp.float32)
-    for start in range(0, len(windows), batch):
-        chunk = windows[start:start + batch]
-        ys = np.zeros(batch, np.int32)
-        xs = np.zeros(batch, np.int32)
-        valid = np.zeros(batch, bool)
-        ys[:len(chunk)] = [w[0] for w in chunk]
-        xs[:len(chunk)] = [w[2] for w in chunk]
-        valid[:len(chunk)] = True
-        crops = _extract(x, ys, xs, win_hw=win_hw, pad_hw=pad_hw)
-        logits = apply_fn(crops)
-        if logits.shape != (batch, *pad_hw, num_classes):
-            raise ValueError(f"apply_fn: expected logits of shape {(batch, *pad_hw, num_classes)}"
-                             f" for windows {tuple(crops.shape)}, found {tuple(logits.shape)}")
-        canvas = _accumulate(canvas, logits, ys, xs, valid, win_hw=win_hw)
-    logits = canvas / count_device
-    return (logits, count.copy()) if return_count else logits
+    mesh = getattr(apply_fn, "mesh", None)
+    devices = mesh.devices.size if isinstance(apply_fn, ModelApply) and mesh is not None else 1
+    g = _geometry(height, width, (int(crop[0]), int(crop[1])), (int(stride[0]), int(stride[1])),
+                  _divisor(apply_fn, size_divisor), int(batch_windows), devices,
+                  int(num_classes))
+    if isinstance(apply_fn, ModelApply):
+        if mesh is not None:
+            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        logits = _slide_model(apply_fn.graphdef, apply_fn.state, x, geometry=g, mesh=mesh)
+    else:
+        logits = _slide_fn(apply_fn, x, geometry=g)
+    if return_count:
+        windows = slide_windows(height, width, crop, stride)
+        return logits, window_count(height, width, windows)
+    return logits
 
 
 # ------------------------------------------------------------------------------ whole mode
@@ -239,8 +301,7 @@ def whole_inference(apply_fn: ApplyFn, image: Any, num_classes: int, *,
 
 def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) -> jax.Array:
     """Slide or whole inference per `eval_cfg.mode` (config.eval) -> (H, W, C) logits."""
-    mode = eval_cfg.mode
-    if mode == "slide":
+    if eval_cfg.mode == "slide":
         return slide_inference(apply_fn, image, tuple(eval_cfg.crop_size),
                                tuple(eval_cfg.stride), num_classes,
                                batch_windows=eval_cfg.batch_windows)

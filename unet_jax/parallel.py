@@ -145,23 +145,6 @@ def put_replicated(value: Any, like: jax.Array) -> jax.Array:
     return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
 
 
-def local_copy(tree: Any) -> Any:
-    """Fully replicated global arrays -> single-device arrays on this process's first device.
-
-    Lets each process run host-local work (evaluation, saving images) on a replicated state.
-    """
-    def one(x: Any) -> Any:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            if not x.is_fully_replicated:
-                raise ValueError(f"local_copy: expected a replicated array, found sharding "
-                                 f"{x.sharding} for shape {x.shape}")
-            return x.addressable_data(0)
-        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            return x.addressable_data(0)
-        return x
-    return jax.tree.map(one, tree)
-
-
 def to_host(tree: Any) -> Any:
     """Replicated (or single-device) jax arrays -> numpy, on any process."""
     def one(x: Any) -> Any:

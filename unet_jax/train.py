@@ -112,9 +112,9 @@ def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples:
 
 
 def _eval_model(train: TrainState) -> nnx.Module:
-    """The model over a single-device copy of the replicated weights (host-local evaluation)."""
-    graphdef, _ = nnx.split(train.model())
-    return nnx.merge(graphdef, parallel.local_copy(train.state[MODEL]))
+    """The training model over the training arrays, as they are (evaluation makes an eval view
+    that uses this process's replicas in place: no copy)."""
+    return train.model()
 
 
 def _evaluate_and_log(config: Any, train: TrainState, val_ds: Any, step: int, log: MetricsLog,
