@@ -64,6 +64,9 @@ def measure_step(config: Any, *, batch_size: int = 0, steps: int = 5) -> dict[st
                                  jnp.int32)}
     state = train.state
     t0 = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    step = compiled
     state = jax.block_until_ready(step(state, data))
     first = time.perf_counter() - t0
     state = jax.block_until_ready(step(state, data))  # a second warm-up step
@@ -75,7 +78,28 @@ def measure_step(config: Any, *, batch_size: int = 0, steps: int = 5) -> dict[st
     seconds = _median_time(one, max(steps, 5))
     return {"ms_per_step": seconds * 1e3, "images_per_s": batch / seconds, "batch": batch,
             "crop": [h, w], "dtype": config.model.dtype, "first_call_s": first,
-            "steps": max(steps, 5), **_platform()}
+            "compile_s": compile_s, "steps": max(steps, 5),
+            "xla_memory_bytes": _program_bytes(compiled),
+            "peak_bytes_in_use": _device_peak_bytes(), **_platform()}
+
+
+def _program_bytes(compiled: Any) -> int | None:
+    """What XLA plans for one call of a compiled program: arguments + outputs + temporaries,
+    less the donated buffers that outputs reuse (None where the backend does not say)."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                   + m.temp_size_in_bytes)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+
+
+def _device_peak_bytes() -> int | None:
+    """The device allocator's peak so far in this process (GPU/TPU; None on CPU)."""
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
 
 
 def measure_infer(config: Any, *, image_size: tuple[int, int] | None = None,
@@ -85,6 +109,7 @@ def measure_infer(config: Any, *, image_size: tuple[int, int] | None = None,
 
     from unet_jax.inference import make_apply_fn, segment, slide_windows
     from unet_jax.models import build_model
+    from unet_jax.sizes import rescale_size
 
     h, w = image_size or tuple(config.data.image_size)
     image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -96,7 +121,8 @@ def measure_infer(config: Any, *, image_size: tuple[int, int] | None = None,
     t0 = time.perf_counter()
     run()
     first = time.perf_counter() - t0
-    windows = (len(slide_windows(h, w, config.eval.crop_size, config.eval.stride))
+    rh, rw = rescale_size(h, w, config.data.img_scale)  # the test pipeline's resize
+    windows = (len(slide_windows(rh, rw, config.eval.crop_size, config.eval.stride))
                if config.eval.mode == "slide" else 1)
     seconds = _median_time(run, reps)
     return {"s_per_image": seconds, "first_call_s": first, "image_size": [h, w],
