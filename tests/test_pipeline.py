@@ -2,6 +2,7 @@
 whatever the number of worker processes (resume, host sharding); eval (unet_jax.data.pipeline)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -222,3 +223,51 @@ def test_worker_processes_give_the_same_bits(drive) -> None:
             np.testing.assert_array_equal(x["label"], y["label"])
     for x, y in zip(runs[0][3:], resumed):
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+ORPHAN = """
+import multiprocessing, os, signal, sys
+from unet_jax.config import load_config
+from unet_jax.data.folders import drive_records
+from unet_jax.data.sampler import train_batches
+if __name__ == "__main__":
+    batches = train_batches(drive_records(sys.argv[1]), load_config("configs/drive.py").data,
+                            global_batch_size=2, seed=0, workers=2)
+    next(batches)
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no finally runs: the workers are on their own
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # an unreaped zombie has exited
+
+
+def test_workers_exit_when_the_training_process_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves no augmentation worker behind (holding shared memory and the parent's
+    stdout: a caller waiting on that pipe would wait forever)."""
+    import subprocess
+    import sys
+    import time
+    from conftest import DATA, REPO, require_shared
+
+    drive = require_shared(DATA / "DRIVE")
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    proc = subprocess.Popen([sys.executable, str(script), str(drive)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    proc.wait(timeout=120)
+    proc.stdout.close()
+    assert proc.returncode == -9 and len(pids) == 2, (proc.returncode, pids)
+    deadline = time.monotonic() + 20
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in pids if _running(p)]
+    for p in alive:
+        os.kill(p, 9)
+    assert not alive, f"workers {alive} outlived the killed training process"
