@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -261,8 +262,8 @@ def train_batches(records: Sequence[Record], data_cfg: Any, *, global_batch_size
             step += 1
     block, index = _pack(records)
     pool = _spawn_pool(workers, (block.name, pickle.dumps(index), plan))
+    pending: collections.deque = collections.deque()
     try:
-        pending: collections.deque = collections.deque()
         step = start_step
         while True:
             while len(pending) < workers * max(prefetch, 1):
@@ -270,7 +271,23 @@ def train_batches(records: Sequence[Record], data_cfg: Any, *, global_batch_size
                 step += 1
             yield pending.popleft().get()
     finally:
-        pool.terminate()
-        pool.join()
+        _stop(pool, pending)
         block.close()
         block.unlink()
+
+
+def _stop(pool: Any, pending: collections.deque, wait_s: float = 60.0) -> None:
+    """Let the prefetched batches finish, then stop the workers with their end-of-work sentinel.
+
+    `Pool.terminate` alone can deadlock: a worker killed while it writes a result keeps the
+    result queue's lock, and the pool's task thread then waits on that lock forever (seen here
+    in about one close in twenty). Only workers that do not finish in `wait_s` are terminated.
+    """
+    deadline = time.monotonic() + wait_s
+    for result in pending:
+        result.wait(max(0.0, deadline - time.monotonic()))
+    if all(result.ready() for result in pending):
+        pool.close()
+    else:
+        pool.terminate()
+    pool.join()
