@@ -52,6 +52,20 @@ def test_window_grid_drive():
     assert inf.slide_windows(20, 50, (64, 64), (42, 42)) == [(0, 20, 0, 50)]
 
 
+def test_slide_batches_are_evenly_filled():
+    """As few compiled steps as batch_windows allows, the windows spread evenly over them: HRF's
+    294 windows run as 5 x 59 (not 5 x 64 with 26 dummies); a multiple of the device count."""
+    g = inf._geometry(2336, 3504, (256, 256), (170, 170), 16, 64, 1, 2)
+    assert (g.batch, len(g.ys), sum(g.valid)) == (59, 295, 294)
+    g = inf._geometry(2336, 3504, (256, 256), (170, 170), 16, 64, 4, 2)
+    assert (g.batch, len(g.ys), sum(g.valid)) == (60, 300, 294)
+    g = inf._geometry(584, 565, (64, 64), (42, 42), 16, 64, 1, 2)
+    assert (g.batch, len(g.ys)) == (61, 183)
+    g = inf._geometry(584, 565, (64, 64), (42, 42), 16, 1000, 1, 2)
+    assert (g.batch, len(g.ys)) == (182, 182)
+    assert inf.CPU_WINDOW_PIXELS // (256 * 256) == 16 and inf.CPU_WINDOW_PIXELS // 64**2 >= 64
+
+
 @pytest.mark.parametrize("tag", ["100x90", "64x64"])
 def test_slide_matches_mmseg(apply_fn, fixtures_dir: Path, tag: str):
     d = np.load(fixtures_dir / "inference" / "slide.npz")
