@@ -10,8 +10,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# XLA:CPU runs matmuls and reductions through YNNPACK with this flag: the UNet's training step
-# and slide inference are 25-30 % faster on CPU (experiments/results/cpu_flags.md); other
+# XLA:CPU runs matmuls and reductions through YNNPACK with this flag: against jaxlib's defaults
+# the UNet's train step ran 1.4-1.7x and DRIVE slide inference 1.5x as fast on a 2-core CPU
+# (experiments/cpu_flags.py, results/cpu_flags.md); other
 # platforms ignore it. It only takes effect when set before JAX starts its CPU backend, so it is
 # set here, at import; UNET_JAX_XLA_DEFAULTS=0, or any value of the flag in XLA_FLAGS, leaves
 # XLA_FLAGS alone.
