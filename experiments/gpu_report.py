@@ -251,10 +251,7 @@ def train_case(drive_dir: Path, seconds: float, step_ms: float | None, batch: in
     mesh = parallel.make_mesh()
     train = create_train_state(build_model(config.model, seed=t.seed), config)
     train.state = parallel.replicate(train.state, mesh)
-    sharding = jax.tree.map(lambda x: x.sharding, train.state)
-    step_fn = jax.jit(make_train_step(train, config),
-                      in_shardings=(sharding, parallel.batch_sharding(mesh)),
-                      out_shardings=sharding, donate_argnums=0)
+    step_fn = parallel.jit_step(make_train_step(train, config), train.state, mesh)
     batches = train_batches(drive_records(drive_dir), config.data, global_batch_size=batch,
                             seed=t.seed, workers=workers)
     t0 = time.perf_counter()

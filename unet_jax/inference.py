@@ -173,12 +173,9 @@ class _Geometry:
     """Everything static about one slide-inference program: sizes, windows, batching."""
     height: int
     width: int
-    win_hw: tuple[int, int]
+    windows: tuple[Window, ...]
     pad_hw: tuple[int, int]
-    ys: tuple[int, ...]       # window origins, padded with dummies to steps * batch
-    xs: tuple[int, ...]
-    valid: tuple[bool, ...]
-    batch: int
+    batch: int                # windows per compiled step; the last step filled with dummies
     num_classes: int
 
 
@@ -192,29 +189,26 @@ CPU_WINDOW_PIXELS = 16 * 256 * 256
 def _geometry(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int],
               divisor: int, batch_windows: int, devices: int, num_classes: int) -> _Geometry:
     windows = slide_windows(height, width, crop, stride)
-    win_hw = (windows[0][1] - windows[0][0], windows[0][3] - windows[0][2])
-    pad_hw = (_round_up(win_hw[0], divisor), _round_up(win_hw[1], divisor))
+    wh, ww = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
     # as few compiled steps as `batch_windows` allows, then windows spread evenly over them
     # (294 HRF windows: 5 steps of 59, not of 64 with 26 dummies); whole windows per device
     steps = -(-len(windows) // max(1, min(batch_windows, len(windows))))
     batch = _round_up(-(-len(windows) // steps), devices)
-    total = _round_up(len(windows), batch)
-    ys = [w[0] for w in windows] + [0] * (total - len(windows))
-    xs = [w[2] for w in windows] + [0] * (total - len(windows))
-    valid = [True] * len(windows) + [False] * (total - len(windows))
-    return _Geometry(height, width, win_hw, pad_hw, tuple(ys), tuple(xs), tuple(valid), batch,
-                     num_classes)
+    pad_hw = (_round_up(wh, divisor), _round_up(ww, divisor))
+    return _Geometry(height, width, tuple(windows), pad_hw, batch, num_classes)
 
 
 def _slide(forward: Callable[[jax.Array], jax.Array], image: jax.Array, g: _Geometry,
            mesh: jax.sharding.Mesh | None) -> jax.Array:
     """The whole slide inference of one image as one program: every batch of windows cut out,
     run (spread over `mesh`), added into the canvas; the canvas divided by the window count."""
-    (wh, ww), (ph, pw) = g.win_hw, g.pad_hw
-    steps = len(g.ys) // g.batch
-    ys = jnp.asarray(g.ys, jnp.int32).reshape(steps, g.batch)
-    xs = jnp.asarray(g.xs, jnp.int32).reshape(steps, g.batch)
-    valid = jnp.asarray(g.valid).reshape(steps, g.batch)
+    y1, y2, x1, x2 = g.windows[0]
+    (wh, ww), (ph, pw) = (y2 - y1, x2 - x1), g.pad_hw
+    n = len(g.windows)
+    dummies = _round_up(n, g.batch) - n
+    ys = jnp.asarray([w[0] for w in g.windows] + [0] * dummies, jnp.int32).reshape(-1, g.batch)
+    xs = jnp.asarray([w[2] for w in g.windows] + [0] * dummies, jnp.int32).reshape(-1, g.batch)
+    valid = jnp.asarray([True] * n + [False] * dummies).reshape(-1, g.batch)
 
     def cut(y: jax.Array, x: jax.Array) -> jax.Array:
         win = jax.lax.dynamic_slice(image, (y, x, 0), (wh, ww, image.shape[-1]))
@@ -238,10 +232,8 @@ def _slide(forward: Callable[[jax.Array], jax.Array], image: jax.Array, g: _Geom
 
     canvas = jnp.zeros((g.height, g.width, g.num_classes), jnp.float32)
     canvas, _ = jax.lax.scan(step, canvas, (ys, xs, valid))
-    count = np.zeros((g.height, g.width), np.float32)
-    for y, x, ok in zip(g.ys, g.xs, g.valid):
-        count[y:y + wh, x:x + ww] += ok
-    return canvas / jnp.asarray(count)[:, :, None]
+    count = window_count(g.height, g.width, g.windows)
+    return canvas / jnp.asarray(count, jnp.float32)[:, :, None]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "geometry", "mesh"))
@@ -271,10 +263,9 @@ def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: 
         raise ValueError(f"batch_windows must be >= 1; found {batch_windows}")
     x = _as_hwc(image)
     height, width = int(x.shape[0]), int(x.shape[1])
-    mesh = getattr(apply_fn, "mesh", None)
-    devices = mesh.devices.size if isinstance(apply_fn, ModelApply) and mesh is not None else 1
-    platform = (mesh.devices.flat[0].platform if isinstance(apply_fn, ModelApply)
-                and mesh is not None else jax.default_backend())
+    mesh = apply_fn.mesh if isinstance(apply_fn, ModelApply) else None
+    devices = mesh.devices.size if mesh is not None else 1
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     if platform == "cpu":  # big batches of big windows run out of cache on a CPU
         batch_windows = min(int(batch_windows),
                             max(1, CPU_WINDOW_PIXELS // (int(crop[0]) * int(crop[1]))))
@@ -288,8 +279,7 @@ def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: 
     else:
         logits = _slide_fn(apply_fn, x, geometry=g)
     if return_count:
-        windows = slide_windows(height, width, crop, stride)
-        return logits, window_count(height, width, windows)
+        return logits, window_count(height, width, g.windows)
     return logits
 
 

@@ -97,6 +97,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def jit_step(step_fn: Any, state: Any, mesh: Mesh) -> Any:
+    """`step_fn(state, batch) -> state` jitted for `mesh`: the state keeps the shardings it has,
+    the batch is split over `data`, and the state's buffers are donated."""
+    sharding = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(step_fn, in_shardings=(sharding, batch_sharding(mesh)),
+                   out_shardings=sharding, donate_argnums=0)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """The whole array on every device."""
     return NamedSharding(mesh, P())

@@ -247,10 +247,7 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
     log = MetricsLog(workdir)
     log.truncate(start)
     board = TensorBoard(workdir, start)
-    state_sharding = jax.tree.map(lambda x: x.sharding, train.state)
-    step_fn = jax.jit(make_train_step(train, config),
-                      in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
-                      out_shardings=state_sharding, donate_argnums=0)
+    step_fn = parallel.jit_step(make_train_step(train, config), train.state, mesh)
 
     from unet_jax.data.pipeline import cache_records
     from unet_jax.data.sampler import train_batches
