@@ -357,4 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unet_jax.errors import UserError, one_line
+    try:
+        sys.exit(main())
+    except UserError as err:  # a bad --data or bundle: one line, as the CLIs do
+        sys.exit(f"gpu_report: error: {one_line(err)}")

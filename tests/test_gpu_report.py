@@ -89,3 +89,12 @@ def test_smoke_report_runs_without_tensorflow_or_installed_ml_collections(tmp_pa
     assert markdown.count("\n## ") == 4 and "SMOKE" in markdown
     table = markdown[markdown.index("## Train step"):]
     assert table in run.stdout  # the same table printed and written
+
+
+def test_a_bad_data_folder_is_one_line(tmp_path: Path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path / "absent"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # after any TensorFlow start-up log lines
+    assert last.startswith("gpu_report: error: ") and "absent/training/images" in last, last
