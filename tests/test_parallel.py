@@ -29,7 +29,7 @@ def _windows(devices: int) -> str:
 
 def _devices_env(env: dict[str, str], count: int) -> dict[str, str]:
     env = dict(env)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"
     return env
 
 
@@ -98,40 +98,44 @@ def _two_processes(env: dict[str, str], workdir: Path, *flags: str) -> list[str]
     return [out for out, _ in outputs]
 
 
-def test_two_processes_match_one_process(tmp_path, run_env, four_device_run):
+def _validation(workdir: Path) -> dict:
+    """The last validation record of `workdir` without its mode (train or eval)."""
+    line = [r for r in read_metrics(workdir) if r["split"] == "validation"][-1]
+    return {k: v for k, v in line.items() if k != "mode"}
+
+
+def _one_device_evaluation(train_config, checkpointed: Path, workdir: Path) -> dict:
+    """`checkpointed`'s latest checkpoint evaluated in this process, on its one device."""
+    from unet_jax.train import evaluate_checkpoint
+
+    assert jax.device_count() == 1
+    config = train_config()
+    config.eval.mode, config.eval.batch_windows = "slide", 1
+    config.init_from = str(checkpointed)
+    evaluate_checkpoint(config, workdir)
+    return _validation(workdir)
+
+
+# Evaluation is exact across layouts: each device runs one window per step in every layout, so
+# every logit is the same float computation, summed into the canvas in the same order, and the
+# counts are integers (summed over the processes, each of which takes every other image). So a
+# run's final validation on 4 devices, or on 2 processes x 2 devices, equals the evaluation of
+# its checkpoint on 1 device, exactly.
+def test_two_processes_match_one_process(tmp_path, run_env, train_config, four_device_run):
     workdir = tmp_path / "multi"
     outputs = _two_processes(run_env, workdir, *FLAGS, *SLIDE, _windows(2))
     assert "4 cpu device(s) in 2 process(es), global batch 4 (2 per process)" in outputs[0]
     _assert_same_training(four_device_run, workdir)
     assert (workdir / "checkpoints" / "3" / "model").is_dir()
+    multi = _validation(workdir)
+    assert multi["step"] == 3
+    assert _one_device_evaluation(train_config, workdir, tmp_path / "one") == multi
 
 
-def test_evaluation_same_on_one_device_four_devices_and_two_processes(tmp_path, run_env,
-                                                                       train_config,
-                                                                       four_device_run):
-    """One checkpoint, evaluated by 1 device, by 4 devices (the 4-device run's last
-    validation) and by 2 processes x 2 devices (each process takes every other image, the
-    counts are summed over the processes): the same metrics, exactly. Each device runs one
-    window per step in every layout, so every logit is the same float computation, summed
-    into the canvas in the same order; the counts are integers."""
-    from unet_jax.train import evaluate_checkpoint
-
-    def records(workdir: Path) -> dict:
-        line = [r for r in read_metrics(workdir) if r["split"] == "validation"][-1]
-        return {k: v for k, v in line.items() if k != "mode"}
-
-    four = records(four_device_run)
-    config = train_config()
-    config.eval.mode, config.eval.batch_windows = "slide", 1
-    config.init_from = str(four_device_run)
-    one = tmp_path / "one"
-    evaluate_checkpoint(config, one)
-    multi = tmp_path / "multi"
-    _two_processes(run_env, multi, "--mode=eval", f"--config.init_from={four_device_run}",
-                   *SLIDE, _windows(2))
+def test_four_device_evaluation_equals_one_device(tmp_path, train_config, four_device_run):
+    four = _validation(four_device_run)
     assert four["step"] == 3
-    assert records(one) == four
-    assert records(multi) == four
+    assert _one_device_evaluation(train_config, four_device_run, tmp_path / "one") == four
 
 
 SHARDED_INIT = """
@@ -175,7 +179,8 @@ def test_mesh_and_global_batch_in_process():
     batch = parallel.global_batch({"image": np.ones((2 * n, 4, 4, 3), np.float32)}, mesh)
     assert batch["image"].shape == (2 * n, 4, 4, 3)
     assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
-    with pytest.raises(ValueError, match="train.batch_size"):
+    from unet_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.batch_size"):
         parallel.check_batch_size(0, mesh)
     tree = parallel.replicate({"w": np.arange(3.0)}, mesh)
     assert tree["w"].sharding.is_fully_replicated

@@ -121,32 +121,36 @@ def _steps(run: Path) -> list[int]:
     return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def test_divergence_names_the_last_good_checkpoint_and_resumes_from_it(tmp_path, train_config):
+def test_divergence_names_the_last_good_checkpoint_and_resumes_from_it(tmp_path, train_config,
+                                                                        monkeypatch):
     """Nothing non-finite is committed; a finite checkpoint that leads into the divergence is
     set aside; the error names the last good one, and the same command with a lower lr resumes
-    from it to the end."""
+    from it to the end. (All four runs are 6-step runs, at two learning rates: two programs.)"""
     from unet_jax.errors import DivergenceError
-    from unet_jax.train import train_and_evaluate
+    from unet_jax.train import Preempted, train_and_evaluate
 
+    steady = dict(num_steps=6, eval_every=0, checkpoint_every=1)
     fresh = tmp_path / "fresh"  # lr 1e30 from the start: step 1's parameters give inf at step 2
     with pytest.raises(DivergenceError, match=r"loss is not finite from step 2; .*no checkpoint "
                                               r"precedes the divergence.*lower --config.train.lr"):
-        train_and_evaluate(train_config(num_steps=4, lr=1e30, eval_every=0, checkpoint_every=1),
-                           fresh)
+        train_and_evaluate(train_config(lr=1e30, **steady), fresh)
     assert _steps(fresh) == [] and len(list((fresh / "diverged").iterdir())) == 1
 
     run = tmp_path / "run"
-    steady = dict(eval_every=0, checkpoint_every=1)
-    train_and_evaluate(train_config(num_steps=3, lr=0.01, **steady), run)
+    with monkeypatch.context() as patch:  # 3 steps at lr 0.01 (a SIGTERM stops it after step 3)
+        _signal_after(patch, 2, signal.SIGTERM)
+        with pytest.raises(Preempted, match="after step 3"):
+            train_and_evaluate(train_config(lr=0.01, **steady), run)
+    assert _steps(run) == [1, 2, 3]
     with pytest.raises(DivergenceError) as err:  # continued at lr 1e30: step 4 blows up
-        train_and_evaluate(train_config(num_steps=6, lr=1e30, **steady), run)
+        train_and_evaluate(train_config(lr=1e30, **steady), run)
     message = str(err.value)
     found = re.search(r"last good checkpoint is (\S+) \(step (\d+), all finite\)", message)
     assert found and "loss is not finite from step 5" in message, message
     assert int(found.group(2)) == 3 and _steps(run) == [2, 3]  # keep_checkpoints 3: 2, 3, 4
     assert [p.name.split("_")[1] for p in (run / "diverged").iterdir()] == ["4"]
     assert all(np.isfinite(a).all() for a in final_arrays(run).values())
-    train_and_evaluate(train_config(num_steps=6, lr=0.01, **steady), run)
+    train_and_evaluate(train_config(lr=0.01, **steady), run)
     lines = [r for r in read_metrics(run) if r["split"] == "train"]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and r["loss"] < 10 for r in lines)
