@@ -16,6 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from unet_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 # Environment variables whose presence means "one of several processes of a job".
@@ -111,10 +113,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """The per-process batch size; raises if the global batch does not split evenly."""
+    """The per-process batch size; a ConfigError if the global batch does not split evenly."""
     devices = mesh.devices.size
     if global_batch_size <= 0 or global_batch_size % devices:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size: expected a positive multiple of the device count {devices} "
             f"({jax.process_count()} process(es) x {jax.local_device_count()} local devices), "
             f"found {global_batch_size}; set --config.train.batch_size accordingly")
