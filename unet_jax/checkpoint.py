@@ -69,6 +69,11 @@ def _writing(directory: Path) -> Iterator[None]:
                               f"{os.strerror(int(code.group(1)))}") from err
 
 
+def _mib(size: int) -> str:
+    """Bytes as MiB with one decimal (0.1 MiB at least, so that a small size is not '0')."""
+    return f"{max(size / 2**20, 0.1):.1f} MiB"
+
+
 def _check_space(directory: Path, tree: Any) -> None:
     """Refuse a save that cannot fit on the disk (a clear error before orbax starts)."""
     need = sum(int(x.nbytes) for x in jax.tree.leaves(tree))
@@ -76,8 +81,8 @@ def _check_space(directory: Path, tree: Any) -> None:
     free = shutil.disk_usage(probe).free
     if need > free:
         raise CheckpointError(f"{directory}: cannot write the checkpoint: "
-                              f"{os.strerror(errno.ENOSPC)} (needs {need >> 20} MiB, "
-                              f"{free >> 20} MiB free)")
+                              f"{os.strerror(errno.ENOSPC)} (needs {_mib(need)}, "
+                              f"{_mib(free)} free)")
 
 
 # --------------------------------------------------------------------------- preemption

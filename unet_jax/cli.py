@@ -55,6 +55,15 @@ def _verbose(argv: Sequence[str]) -> bool:
         a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)
 
 
+def _without_library_tracebacks(record: Any) -> bool:
+    """A logging filter: orbax's background threads log each failed write with its traceback
+    (a full disk gives five) before the error reaches the CLI, which names it in one line; the
+    log lines stay, their tracebacks only with --verbose."""
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
 def report(prog: str, err: BaseException) -> None:
     """Print a user error as one line and exit with code 2."""
     if isinstance(err, OSError) and getattr(err, "strerror", None):
@@ -101,4 +110,7 @@ def run(main: Callable[[Any, list[str]], int | None], *, prog: str,
             report(prog, err)
         sys.exit(int(code or 0))
 
+    if not verbose:
+        import logging
+        logging.getLogger("absl").addFilter(_without_library_tracebacks)
     app.run(absl_main, argv=rest)
