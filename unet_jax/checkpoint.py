@@ -140,15 +140,23 @@ class TrainCheckpoints:
         self.damaged_directory = workdir / DAMAGED_DIR
         self.diverged_directory = workdir / DIVERGED_DIR
         self.metric = metric
+        # Each manager its own barrier names: both save step N at the end of a run, and orbax
+        # names a save's multi-process barrier after the step folder alone ("N"), so with one
+        # name a fast process could pass both saves' barriers on the first and leave a slower
+        # one waiting for ever (2 processes hung at the last save about 1 run in 2).
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=_ITEMS, options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep or None, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True))
+                cleanup_tmp_directories=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix="unet_jax_checkpoints")))
         self.best = ocp.CheckpointManager(
             self.best_directory, item_names=_BEST_ITEMS, options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: float(m[metric]), best_mode="max",
                 keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True))
+                cleanup_tmp_directories=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix="unet_jax_best")))
 
     def latest_step(self) -> int | None:
         """The last committed periodic checkpoint (None if there is none)."""
