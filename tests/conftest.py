@@ -173,6 +173,11 @@ def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """The committed periodic checkpoint steps of `workdir`, ascending."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def check_argmax(pred, ref_logits_chw, ref_pred, atol):
     """Argmax equal to mmseg's wherever mmseg's two top logits are more than 2 x `atol` apart:
     within the logits' error bound a pixel may legitimately flip; elsewhere it may not."""

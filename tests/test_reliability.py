@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, read_metrics
+from conftest import REPO, TINY, checkpoint_steps, read_metrics
 from unet_jax import weights
 from unet_jax.errors import CheckpointError, DamagedCheckpointError, DivergenceError, WorkdirError
 from unet_jax.lock import LOCK_FILE, WorkdirLock
@@ -50,10 +50,6 @@ def _largest_data_file(folder: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
-def _steps(run: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-
-
 def test_a_flipped_byte_is_detected_and_resume_falls_back(finished, tmp_path, capfd):
     run, make = finished
     copy = _copy(run, tmp_path)
@@ -66,7 +62,7 @@ def test_a_flipped_byte_is_detected_and_resume_falls_back(finished, tmp_path, ca
     train_and_evaluate(make(), copy)  # resumes from 4 and trains 5, 6 again
     err = capfd.readouterr().err
     assert "checkpoints/6" in err and "resuming from the checkpoint before it" in err
-    assert _steps(copy) == [2, 4, 6]
+    assert checkpoint_steps(copy) == [2, 4, 6]
     moved = list((copy / "damaged").iterdir())
     assert len(moved) == 1 and moved[0].name.startswith("checkpoints_6_")  # kept, not deleted
     assert read_metrics(copy) == read_metrics(run)
@@ -81,7 +77,7 @@ def test_an_unreadable_checkpoint_falls_back_and_none_intact_is_one_error(finish
     train_and_evaluate(make(), copy)
     assert read_metrics(copy) == read_metrics(run)
     assert sorted(p.name.split("_")[1] for p in (copy / "damaged").iterdir()) == ["4", "6"]
-    for step in _steps(copy):  # now damage every checkpoint
+    for step in checkpoint_steps(copy):  # now damage every checkpoint
         (copy / "checkpoints" / str(step) / "meta" / "metadata").write_text("{not json")
     with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
         train_and_evaluate(make(), copy)
@@ -126,7 +122,7 @@ def test_nonfinite_batchnorm_statistics_are_never_committed(finished, tmp_path, 
                                               r"\(step 2, all finite\)") as err:
         train_and_evaluate(make(), run)
     assert "the loss is not finite" not in str(err.value)
-    assert _steps(run) == [2] and not list((run / "best").glob("[0-9]*"))
+    assert checkpoint_steps(run) == [2] and not list((run / "best").glob("[0-9]*"))
 
 
 def test_one_run_per_workdir(tmp_path, finished):

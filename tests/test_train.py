@@ -11,14 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import read_metrics, run_cli
+from conftest import checkpoint_steps, read_metrics, run_cli
 
 
 def final_arrays(workdir: Path) -> dict[str, np.ndarray]:
     """Every array of the last periodic checkpoint (variables and optimiser state), flat."""
     import orbax.checkpoint as ocp
     ckpt_dir = workdir / "checkpoints"
-    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    step = checkpoint_steps(workdir)[-1]
     out = {}
     for item in ("model", "train"):
         tree = ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / item)
@@ -90,21 +90,19 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, run_env, train_conf
         (2, "train"), (4, "train"), (5, "validation"), (6, "train"), (6, "validation")]
 
     run = tmp_path / "run"
-    steps = lambda: sorted(int(p.name) for p in (run / "checkpoints").iterdir()
-                           if p.name.isdigit())
     # SIGTERM while step 2 is logged: the run stops after step 3 and saves it (not a periodic
     # step; the log sums then hold step 3 only).
     with monkeypatch.context() as patch:
         _signal_after(patch, 2, signal.SIGTERM)
         with pytest.raises(Preempted, match="after step 3.*resume"):
             train_and_evaluate(train_config(**flags), run)
-    assert steps() == [2, 3]
+    assert checkpoint_steps(run) == [2, 3]
     # SIGKILL after step 5 is evaluated, once the asynchronous save of step 4 (whose buffers the
     # step-5 update donated) has committed: the next run resumes from step 4.
     cli_flags = [f"--config.train.{k}={v}" for k, v in flags.items()]
     killed = run_cli(run_env, run, *cli_flags, signal_at="KILL:5:4")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert steps() == [2, 3, 4]
+    assert checkpoint_steps(run) == [2, 3, 4]
     assert [r["step"] for r in read_metrics(run)][-1] == 5
     train_and_evaluate(train_config(**flags), run)
 
@@ -115,10 +113,6 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, run_env, train_conf
         np.testing.assert_array_equal(run_arrays[key], value, err_msg=key)
     best = lambda d: sorted(p.name for p in (d / "best").iterdir() if p.name.isdigit())
     assert best(run) == best(ref)
-
-
-def _steps(run: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_divergence_names_the_last_good_checkpoint_and_resumes_from_it(tmp_path, train_config,
@@ -134,20 +128,21 @@ def test_divergence_names_the_last_good_checkpoint_and_resumes_from_it(tmp_path,
     with pytest.raises(DivergenceError, match=r"loss is not finite from step 2; .*no checkpoint "
                                               r"precedes the divergence.*lower --config.train.lr"):
         train_and_evaluate(train_config(lr=1e30, **steady), fresh)
-    assert _steps(fresh) == [] and len(list((fresh / "diverged").iterdir())) == 1
+    assert checkpoint_steps(fresh) == [] and len(list((fresh / "diverged").iterdir())) == 1
 
     run = tmp_path / "run"
     with monkeypatch.context() as patch:  # 3 steps at lr 0.01 (a SIGTERM stops it after step 3)
         _signal_after(patch, 2, signal.SIGTERM)
         with pytest.raises(Preempted, match="after step 3"):
             train_and_evaluate(train_config(lr=0.01, **steady), run)
-    assert _steps(run) == [1, 2, 3]
+    assert checkpoint_steps(run) == [1, 2, 3]
     with pytest.raises(DivergenceError) as err:  # continued at lr 1e30: step 4 blows up
         train_and_evaluate(train_config(lr=1e30, **steady), run)
     message = str(err.value)
     found = re.search(r"last good checkpoint is (\S+) \(step (\d+), all finite\)", message)
     assert found and "loss is not finite from step 5" in message, message
-    assert int(found.group(2)) == 3 and _steps(run) == [2, 3]  # keep_checkpoints 3: 2, 3, 4
+    # keep_checkpoints 3: 2, 3, 4, and 4 set aside
+    assert int(found.group(2)) == 3 and checkpoint_steps(run) == [2, 3]
     assert [p.name.split("_")[1] for p in (run / "diverged").iterdir()] == ["4"]
     assert all(np.isfinite(a).all() for a in final_arrays(run).values())
     train_and_evaluate(train_config(lr=0.01, **steady), run)
