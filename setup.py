@@ -27,12 +27,12 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     entry_points={"console_scripts": [
-        "unet-jax-train=unet_jax.main:run",
-        "unet-jax-predict=unet_jax.predict:run",
-        "unet-jax-convert=unet_jax.convert:run",
-        "unet-jax-export=unet_jax.export:run",
-        "unet-jax-browse=unet_jax.browse:run",
-        "unet-jax-benchmark=unet_jax.benchmark:run",
+        "unet-jax-train=unet_jax.cli.main:run",
+        "unet-jax-predict=unet_jax.cli.predict:run",
+        "unet-jax-convert=unet_jax.cli.convert:run",
+        "unet-jax-export=unet_jax.cli.export:run",
+        "unet-jax-browse=unet_jax.cli.browse:run",
+        "unet-jax-benchmark=unet_jax.cli.benchmark:run",
     ]},
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3"],

@@ -204,7 +204,7 @@ def _gib(value: int | None) -> float | None:
 
 
 def step_case(spec: str, dtype: str, batch: int, smoke: bool) -> dict[str, Any]:
-    from unet_jax.benchmark import measure_step
+    from unet_jax.cli.benchmark import measure_step
     config = _config(spec, smoke)
     config.model.dtype = dtype
     r = measure_step(config, batch_size=batch)
@@ -214,14 +214,14 @@ def step_case(spec: str, dtype: str, batch: int, smoke: bool) -> dict[str, Any]:
 
 
 def infer_case(spec: str, smoke: bool) -> dict[str, Any]:
-    from unet_jax.benchmark import measure_infer
+    from unet_jax.cli.benchmark import measure_infer
     config = _config(spec, smoke)
     r = measure_infer(config, reps=2)
     return {k: r[k] for k in ("image_size", "mode", "windows", "s_per_image", "first_call_s")}
 
 
 def input_case(drive_dir: Path, workers: int, smoke: bool) -> dict[str, Any]:
-    from unet_jax.benchmark import measure_input
+    from unet_jax.cli.benchmark import measure_input
     config = _config("configs/drive.py:fcn", smoke, shrink=False)
     r = measure_input(config, workers=workers, steps=5 if smoke else 60,
                       batch_size=2 if smoke else 16, drive_dir=str(drive_dir))

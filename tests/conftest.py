@@ -92,7 +92,7 @@ def fixture_model(name: str, *, pth_suffix: str = "", arg_suffix: str = "",
     """
     from unet_jax.models import build_model
     from unet_jax.models.mmseg import extract_state_dict, load_state_dict
-    from unet_jax.models.pth import load_pth
+    from unet_jax.io.pth import load_pth
 
     dataset, head = FIXTURE_MODELS[name]
     config = tiny_config(f"configs/{dataset}.py:{head}{arg_suffix}", {"model.dtype": dtype})

@@ -18,7 +18,7 @@ import numpy as np
 
 from unet_jax.data.augment import (IGNORE_INDEX, AugParams, _convert, hflip, normalise,
                                    resize_keep_ratio)
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import rescale_size
 
 BBox = tuple[int, int, int, int]  # (y1, y2, x1, x2), as mmseg's crop_bbox
 

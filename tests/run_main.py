@@ -9,7 +9,8 @@ import signal
 import sys
 import time
 
-from unet_jax import main, run_logs
+from unet_jax import run_logs
+from unet_jax.cli import main
 
 
 def _install() -> None:

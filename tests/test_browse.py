@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_jax import browse, data
+from unet_jax import data
+from unet_jax.cli import browse
 from unet_jax.data.pipeline import cache_records
 from unet_jax.data.sampler import train_batches
 from unet_jax.errors import InputError

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE_MODELS, tiny_config
-from unet_jax import weights
-from unet_jax.convert import export_mmseg, import_mmseg
+from unet_jax.io import weights
+from unet_jax.cli.convert import export_mmseg, import_mmseg
 from unet_jax.errors import InputError
 from unet_jax.models import build_model
 from unet_jax.models.mmseg import StateDictMismatchError, extract_state_dict, load_state_dict
 from unet_jax.errors import UnsafeCheckpointError
-from unet_jax.models.pth import load_pth
+from unet_jax.io.pth import load_pth
 
 
 def _config(name):

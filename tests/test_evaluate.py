@@ -12,11 +12,11 @@ from conftest import FIXTURES, require_shared, tiny_config
 from test_fov_metrics import rank_auc
 from unet_jax import inference as inf
 from unet_jax import run_logs
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import rescale_size
 from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
 from unet_jax.models.mmseg import extract_state_dict, load_state_dict
 from unet_jax.models import build_model
-from unet_jax.models.pth import load_pth
+from unet_jax.io.pth import load_pth
 
 
 def eval_config():

@@ -17,10 +17,11 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import DATA, FIXTURES, REPO, fixture_model, require_shared, tiny_config
-from unet_jax import export, inference, serving
+from unet_jax import inference, serving
+from unet_jax.cli import export
 from unet_jax.errors import InputError
 from unet_jax.losses import resize_logits_to
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import rescale_size
 
 TINY = ["--config.model.base_channels=8", "--config.model.head_channels=8"]
 REL_TOL = 1e-4  # max |saved model - predict| / max |predict|

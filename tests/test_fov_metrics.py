@@ -123,7 +123,7 @@ def logit_mixture(rng, n, parts):
 
 
 def test_binned_auc_within_0_01_points_of_exact_on_realistic_scores():
-    """Trained-model-like log-odds (experiments/fov_auc_bins.py), as float32 softmax sees them;
+    """Trained-model-like log-odds (experiments/studies/fov_auc_bins.py), as float32 softmax sees them;
     x3 makes the model overconfident: many probabilities saturate at exactly 0 or 1."""
     rng = np.random.default_rng(3)
     n = 200_000

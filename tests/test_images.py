@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_jax import images
-from unet_jax.images import ImageReadError, read_rgb
+from unet_jax.io import images
+from unet_jax.io.images import ImageReadError, read_rgb
 
 RNG = np.random.default_rng(0)
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from conftest import FIXTURES, require_shared, tiny_config, check_argmax
 from unet_jax import inference as inf
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import rescale_size
 from unet_jax.models import build_model
 from unet_jax.models.mmseg import extract_state_dict, load_state_dict
-from unet_jax.models.pth import load_pth
+from unet_jax.io.pth import load_pth
 
 WINDOWS = 16  # batch_windows used for the 32x32-crop fixtures: one compiled forward for all
 

@@ -14,11 +14,13 @@ from PIL import Image
 
 from conftest import DATA, FIXTURES, REPO, require_shared, tiny_config, check_argmax
 from test_images import png_header
-from unet_jax import Segmenter, convert, predict, weights
+from unet_jax import Segmenter
+from unet_jax.cli import convert, predict
+from unet_jax.io import weights
 from unet_jax.errors import CheckpointError, InputError
-from unet_jax.images import read_rgb
+from unet_jax.io.images import read_rgb
 from unet_jax.models import build_model
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import rescale_size
 
 TINY = ["--config.model.base_channels=8", "--config.model.head_channels=8"]
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import FIXTURES, REPO
 from unet_jax.errors import CheckpointError, UnsafeCheckpointError
-from unet_jax.models.pth import load_pth
+from unet_jax.io.pth import load_pth
 
 # ----------------------------------------------------------------------------------------------
 # A tiny pickle writer: the opcodes torch.save uses, with globals named freely.
@@ -408,7 +408,7 @@ def test_shared_storage_is_read_once(shared_storage):
 _PROBE = textwrap.dedent("""
     import json, sys
     from unet_jax.errors import CheckpointError
-    from unet_jax.models.pth import load_pth
+    from unet_jax.io.pth import load_pth
 
     def peak_mb():
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest).

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, checkpoint_steps, read_metrics
-from unet_jax import weights
+from unet_jax.io import weights
 from unet_jax.errors import CheckpointError, DamagedCheckpointError, DivergenceError, WorkdirError
-from unet_jax.lock import LOCK_FILE, WorkdirLock
+from unet_jax.io.lock import LOCK_FILE, WorkdirLock
 from unet_jax.train import train_and_evaluate
 
 STEPS = dict(num_steps=6, log_every=2, eval_every=6, checkpoint_every=2, keep_checkpoints=0)
@@ -195,7 +195,7 @@ def test_orbax_log_records_lose_their_tracebacks_without_verbose():
     error; the CLI's filter keeps orbax's message and drops the traceback (others untouched)."""
     import logging
 
-    from unet_jax.cli import _without_library_tracebacks
+    from unet_jax.cli.common import _without_library_tracebacks
 
     try:
         raise OSError(28, "No space left on device")

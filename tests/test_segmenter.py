@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, FIXTURES, REPO, require_shared, check_argmax
 from unet_jax import Segmenter
 from unet_jax.errors import CheckpointError, ConfigError, InputError
-from unet_jax.images import read_rgb
+from unet_jax.io.images import read_rgb
 
 TINY = {"model.base_channels": 8, "model.head_channels": 8}  # the fixture widths
 

@@ -12,7 +12,7 @@ against the exact result.
   float32: a handful of the ~400k pre-activations lie within float32 rounding of 0, and the side
   of its ReLU each falls on decides the gradient discontinuously; one such gate in the 4x4
   bottleneck moves fcn_drive's iteration-1 parameters by 1.4e-4, and float32-sized rounding
-  flips it in 3 of 12 trials (experiments/f32_vs_f64_step.py). Instead the float32 gradient is
+  flips it in 3 of 12 trials (experiments/studies/f32_vs_f64_step.py). Instead the float32 gradient is
   compared with the float64 one under the float64 run's ReLU gates: float32 arithmetic must be
   within mmseg's own float32 error there, and a 1% gradient error must exceed it.
 """

@@ -12,7 +12,7 @@ from PIL import Image
 
 import mmseg_reference as T
 from unet_jax.data import augment as F
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import rescale_size
 
 # fixture README, "Transform details": full sha256 of the RandomResize outputs of image 21.
 RESIZE = {

@@ -2,7 +2,7 @@
 
 Anything a user can fix (a config value, a missing or malformed file, a checkpoint that does not
 fit, an input image, a locked run folder) raises a `UserError` subclass whose message names the
-file or field, what was expected and what was found. `unet_jax.cli` prints such an error as one
+file or field, what was expected and what was found. `unet_jax.cli.common` prints such an error as one
 line on stderr with exit code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ uniform in the float32 bits of q = min(p, 1 - p) (both exact in float32), i.e. l
 float32 up to 1/2 and mirrored to 1. The error is then of the order of a bin's width in log-odds
 times the overlap of the two log-odds densities, and mostly cancels: measured at 5e-8 or less
 against the exact rank AUC on realistic score distributions, with a guaranteed bound under 1e-4
-(0.01 AUC points) (tests/test_fov_metrics.py, experiments/fov_auc_bins.py).
+(0.01 AUC points) (tests/test_fov_metrics.py, experiments/studies/fov_auc_bins.py).
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from unet_jax.losses import resize_logits_to
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import normalise, rescale_size, resize_uint8, tta_view_hw
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), end exclusive
@@ -314,28 +314,6 @@ def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) ->
 
 
 # ------------------------------------------------------------------------------ test pipeline
-def resize_uint8(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """cv2 INTER_LINEAR resize of a uint8 HxWx3 image (mmcv.imresize); no copy if same size."""
-    if tuple(image.shape[:2]) == tuple(hw):
-        return image
-    return cv2.resize(image, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_LINEAR)
-
-
-def normalise(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 RGB (H, W, 3) -> float32 (x - mean) / std (mmseg SegDataPreProcessor)."""
-    image_rgb = np.asarray(image_rgb)
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-        raise ValueError(f"image: expected H x W x 3 RGB, found shape {image_rgb.shape}")
-    return ((image_rgb.astype(np.float32) - np.asarray(mean, np.float32))
-            / np.asarray(std, np.float32))
-
-
-def tta_view_hw(height: int, width: int, ratio: float) -> tuple[int, int]:
-    """Size of mmseg's TTA view `Resize(scale_factor=ratio, keep_ratio=True)`."""
-    target = (int(width * ratio + 0.5), int(height * ratio + 0.5))
-    return rescale_size(height, width, target)
-
-
 @functools.partial(jax.jit, static_argnames=("out_hw",))
 def _tta_postprocess(logits: jax.Array, flip: jax.Array, *, out_hw: tuple[int, int],
                      ) -> tuple[jax.Array, jax.Array]:

@@ -58,6 +58,13 @@ def parse_arg(arg: str | None, rows: Collection[tuple[str, str]], config_name: s
     return head, loss
 
 
+def take_word(arg: str | None, word: str) -> tuple[str, bool]:
+    """(the config argument without `word`, whether it held it): "fcn,ce_dice,small" with
+    word "small" -> ("fcn,ce_dice", True). For variants of a config beside "<head>,<loss>"."""
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    return ",".join(p for p in parts if p != word), word in parts
+
+
 def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
     """The config of one UNet-S5-D16 zoo row without its dataset values (those are None)."""
     c = ml_collections.ConfigDict()

@@ -1,7 +1,7 @@
 """The Python API: a model and its weights, ready to segment images one at a time.
 
     from unet_jax import Segmenter
-    from unet_jax.images import read_rgb
+    from unet_jax.io.images import read_rgb
 
     seg = Segmenter.load("configs/drive.py:fcn", "weights/drive_fcn")
     labels, scores = seg.predict(read_rgb("01_test.tif"))  # (H, W) uint8, (H, W, C) float32
@@ -10,7 +10,7 @@
 (`unet_jax.inference.segment`: keep-ratio resize to `data.img_scale`, slide or whole inference
 per `config.eval`, logits resized back, argmax; TTA with `eval.tta`). `scores` are what
 `--save_logits` saves: the logits at the image's size, or with TTA the averaged probabilities.
-Read files with `unet_jax.images.read_rgb` to get the pixels mmseg would decode.
+Read files with `unet_jax.io.images.read_rgb` to get the pixels mmseg would decode.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from unet_jax import weights
+from unet_jax.io import weights
 from unet_jax.config import check_config, load_config, set_field
 from unet_jax.errors import InputError
 from unet_jax.inference import ModelApply, make_apply_fn, segment
@@ -55,7 +55,7 @@ def resolve_config(config: str | ml_collections.ConfigDict,
 
 
 class Segmenter:
-    """A model built from a config, with weights from any checkpoint `unet_jax.weights` reads."""
+    """A model built from a config, with weights from any checkpoint `unet_jax.io.weights` reads."""
 
     def __init__(self, config: ml_collections.ConfigDict, model: nnx.Module,
                  loaded: Mapping[str, Any] | None = None) -> None:
@@ -94,6 +94,6 @@ class Segmenter:
                 or min(image.shape[:2]) < 1):
             raise InputError(f"Segmenter.predict: expected one uint8 RGB image (H, W, 3), found "
                              f"{image.dtype} {image.shape}; read files with "
-                             "unet_jax.images.read_rgb")
+                             "unet_jax.io.images.read_rgb")
         scores, pred = segment(self._apply, image, self.config, resize=resize)
         return np.asarray(pred, np.uint8), np.asarray(scores, np.float32)

@@ -20,10 +20,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unet_jax import checkpoint, parallel, weights
+from unet_jax import parallel
+from unet_jax.io import checkpoint, weights
 from unet_jax.config import check_config
 from unet_jax.errors import CheckpointError, DivergenceError, WorkdirError
-from unet_jax.lock import WorkdirLock
+from unet_jax.io.lock import WorkdirLock
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
 from unet_jax.step import MODEL, OPTIMIZER, TrainState, create_train_state, make_train_step

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from unet_jax.sizes import rescale_size
+from unet_jax.preprocess import rescale_size
 
 IGNORE_INDEX = 255
 

@@ -98,7 +98,7 @@ def conv2d_gemm(x: jax.Array, kernel: jax.Array, padding: int, dilation: int) ->
     adjoint of im2col), where XLA:CPU's own conv backward first materialises a flipped,
     transposed copy of the kernel: for the deep layers (512-1024 channels on 4x4..16x16 maps)
     that copy and the small-spatial conv kernels cost 3-5x the matrix products
-    (experiments/conv_formulations.py).
+    (experiments/studies/conv_formulations.py).
     """
     return _conv2d_gemm_fwd(x, kernel, padding, dilation)[0]
 
@@ -128,7 +128,7 @@ def _conv2d_gemm_bwd(padding, dilation, res, dy):
 conv2d_gemm.defvjp(_conv2d_gemm_fwd, _conv2d_gemm_bwd)
 
 # Output maps of at most this many pixels per image run as `conv2d_gemm`, larger ones as XLA's
-# conv (measured per UNet shape at crops 64 and 128 in experiments/conv_formulations.py: the
+# conv (measured per UNet shape at crops 64 and 128 in experiments/studies/conv_formulations.py: the
 # matrix form wins from 8 x 8 down, where the channels are 512-1024, and loses from 16 x 16 up).
 GEMM_MAX_PIXELS = 64
 

@@ -1,7 +1,7 @@
 """How far the binned AUC of `unet_jax.fov_metrics` is from the exact AUC, and what it costs.
 
 Run:
-    python experiments/fov_auc_bins.py [--pixels 4000000] [--seed 0]
+    python experiments/studies/fov_auc_bins.py [--pixels 4000000] [--seed 0]
 Expected runtime: about 15 s on a 2-core CPU.
 
 Score distributions: vessel-probability maps as a trained vessel segmenter produces them, in

@@ -71,7 +71,7 @@ def _check_pixels(path: Path, height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ImageReadError(f"{path}: refusing to decode: the image is {height} x {width} = "
                              f"{height * width} pixels, above the cap of {max_pixels} pixels "
-                             "(unet_jax.images.MAX_PIXELS); a decompression bomb, or an image "
+                             "(unet_jax.io.images.MAX_PIXELS); a decompression bomb, or an image "
                              "to tile first")
 
 

@@ -28,7 +28,7 @@ imposed, the float32 gradient error is 2.1e-6 (E). One of them, in the 4x4 bottl
 (encoder.4.1.convs.1, 32 values per channel), alone moves the gradient by 1.37e-2; the
 "ideal float32" forward flips it in 3 of 12 seeds, so any float32 implementation can land there.
 
-    PYTHONPATH=. python experiments/f32_vs_f64_step.py [--variant fcn_drive] [--seeds 12]
+    PYTHONPATH=. python experiments/studies/f32_vs_f64_step.py [--variant fcn_drive] [--seeds 12]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import FIXTURES  # noqa: E402

@@ -2,7 +2,7 @@
 
 `load(model, source)` fills a model built from the config with the weights of
 * an mmseg `.pth` (a 1.x training checkpoint or a released 0.x file; read without torch and
-  without running anything from the file, `unet_jax.models.pth`);
+  without running anything from the file, `unet_jax.io.pth`);
 * a weights folder as `save` (and `unet_jax.convert`) writes it: `model/` (the orbax tree of
   `nnx.state(model)`: parameters and BatchNorm statistics) and `meta/` (JSON: classes, palette,
   source, ...);
@@ -28,7 +28,7 @@ from flax import nnx
 from unet_jax.errors import (CheckpointError, DamagedCheckpointError, InputError, one_line,
                              warn)
 from unet_jax.models import mmseg
-from unet_jax.models.pth import load_pth, max_bytes_for
+from unet_jax.io.pth import load_pth, max_bytes_for
 
 MODEL_ITEM, META_ITEM = "model", "meta"
 CHECKPOINTS_DIR, BEST_DIR = "checkpoints", "best"

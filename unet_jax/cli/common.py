@@ -1,7 +1,7 @@
 """What every command line shares: `--config FILE[:ARG]` with `--config.a.b=VALUE` overrides,
 `check_config` before anything else runs, and user mistakes printed as one line (exit code 2).
 
-    unet_jax.cli.run(main, prog="unet_jax.predict", define_flags=_define_flags)
+    unet_jax.cli.common.run(main, prog="unet_jax.predict", define_flags=_define_flags)
 
 calls `main(config, argv)` after absl has parsed the remaining flags. `--verbose` (or
 UNET_JAX_VERBOSE=1) shows tracebacks for user errors too.

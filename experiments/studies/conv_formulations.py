@@ -1,6 +1,6 @@
 """How fast XLA:CPU runs the UNet's 3x3 convolutions, forward and backward, written three ways.
 
-    python experiments/conv_formulations.py [--batch 4] [--crop 64] [--reps 5]
+    python experiments/studies/conv_formulations.py [--batch 4] [--crop 64] [--reps 5]
 
 For every 3x3 conv shape of UNet-S5-D16 at the given crop (and the 1x1 InterpConv / head convs
 it implies), times jitted value-and-grad (w.r.t. input and kernel) of

@@ -2,7 +2,7 @@
 
 Layout of a workdir:
   checkpoints/<step>/model/   nnx.state(model): parameters and BatchNorm statistics (the item a
-                              weights folder holds, so `unet_jax.weights.load` reads any step)
+                              weights folder holds, so `unet_jax.io.weights.load` reads any step)
   checkpoints/<step>/train/   nnx.state of the optimizer (step, optax state) and the log sums
   checkpoints/<step>/meta/    JSON: the step and the digest of each item's arrays
   best/<step>/{model,meta}/   the weights of the best validation score (`eval.metric`), with the
@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from unet_jax.errors import CheckpointError, DamagedCheckpointError, one_line, warn
 from unet_jax.parallel import sync
 from unet_jax.step import LOGS, MODEL, OPTIMIZER, TrainState
-from unet_jax.weights import (BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, digest,
+from unet_jax.io.weights import (BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, digest,
                               restore_state, verify)
 
 TRAIN_ITEM = "train"

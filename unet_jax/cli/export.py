@@ -1,0 +1,217 @@
+"""Export a model with mmseg's test pipeline as a TensorFlow SavedModel.
+
+    python -m unet_jax.export --config configs/drive.py:fcn,ce --checkpoint CKPT --output DIR \\
+        [--platforms cpu,cuda] [--config.model.base_channels=8 ...]
+
+CKPT is anything `unet_jax.io.weights.load` reads (mmseg .pth, weights folder, training workdir).
+DIR must not exist or be empty. Its `serving_default` signature takes
+
+    image:  uint8 [H, W, 3], RGB, any size
+
+and returns
+
+    labels: uint8 [H, W]      the argmax of scores (ties: the lowest class id)
+    scores: float32 [H, W, C] what `unet_jax.predict --save_logits` writes: the window-averaged
+                              logits at the image's size; with --config.eval.tta=True the
+                              view-averaged probabilities
+
+Serve it with TensorFlow alone (no JAX, no unet_jax):
+
+    model = tf.saved_model.load(DIR)
+    out = model.signatures["serving_default"](image=tf.constant(rgb_uint8))
+
+Design. Only the model forward is JAX: it is converted with `jax2tf` (native serialization: the
+StableHLO of the very function `unet_jax.predict` runs, in an XlaCallModule op), shape-polymorphic
+in the batch and in height and width (multiples of the model's size divisor, 16), with the weights
+as TensorFlow variables. Everything around it is TensorFlow ops (`unet_jax.serving`), because it
+depends on the image size in ways JAX shape polymorphism cannot express (the keep-ratio size is
+not a polynomial of H and W, and the number of slide windows follows from it): the keep-ratio
+resize to `data.img_scale` (cv2 INTER_LINEAR on uint8, reproduced bit for bit), normalisation,
+slide or whole inference per `config.eval`, the torch-bilinear resize of the logits back to
+(H, W), and, with `eval.tta`, mmseg's multi-scale + flip views. The slide loop is a
+`tf.while_loop` over batches of `eval.batch_windows` windows (one window shape per image, so
+the forward compiles once per window shape). The forward is lowered for each of --platforms;
+the SavedModel runs on those only (default: cpu and cuda).
+
+Beside the SavedModel, `DIR/assets.extra/unet_jax.json` records the classes, the palette, the
+checkpoint and the whole config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from unet_jax.cli import common
+from unet_jax.errors import InputError
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+META_FILE = Path("assets.extra") / "unet_jax.json"
+
+
+def tf_forward(model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> tuple[Any, list]:
+    """The model's inference forward as a TensorFlow callable, and the variables it reads.
+
+    (N, h, w, 3) float32 normalised -> (N, h, w, C) float32 logits, N, h and w polymorphic
+    (h and w multiples of the model's size divisor): the jitted forward of
+    `unet_jax.inference.make_apply_fn`, converted with jax2tf; its weights become
+    non-trainable `tf.Variable`s named by their state path.
+    """
+    import jax
+    import numpy as np
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    from unet_jax.inference import make_apply_fn
+    from unet_jax.io.weights import flat_paths
+
+    apply = make_apply_fn(model)
+    divisor = int(apply.size_divisor)
+    leaves, treedef = jax.tree.flatten(apply.state)
+    names = list(flat_paths(apply.state))
+    if len(names) != len(leaves):
+        raise ValueError(f"model state: {len(leaves)} arrays but {len(names)} paths")
+    variables = [tf.Variable(np.asarray(leaf), trainable=False, name=name.replace("/", "."))
+                 for name, leaf in zip(names, leaves)]
+
+    def forward_jax(state: Any, x: Any) -> Any:
+        return dataclasses.replace(apply, state=state)(x)
+
+    converted = jax2tf.convert(
+        forward_jax, polymorphic_shapes=[None, f"(b, {divisor}*h, {divisor}*w, 3)"],
+        with_gradient=False, native_serialization_platforms=tuple(platforms))
+
+    # One traced function, however often the serving graph calls it (TTA: twice per scale),
+    # so the model is lowered and stored once.
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
+                 autograph=False)
+    def forward(x: Any) -> Any:
+        return converted(jax.tree.unflatten(treedef, variables), x)
+
+    return forward, variables
+
+
+def make_module(config: Any, model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Any:
+    """A `tf.Module` holding the weights and `serve(image)`: `unet_jax.serving.segment` of one
+    uint8 RGB image -> {labels, scores}."""
+    import tensorflow as tf
+
+    from unet_jax import serving
+
+    forward, variables = tf_forward(model, platforms)
+    divisor = int(getattr(model.backbone, "downsample_rate", 16) or 1)
+    module = tf.Module()
+    module.model_weights = variables
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")],
+                 autograph=False)
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores, labels = serving.segment(forward, image, config, size_divisor=divisor)
+        return {"labels": labels, "scores": scores}
+
+    module.serve = serve
+    return module
+
+
+def check_output(output: str | Path) -> Path:
+    """--output as an absolute path; an `InputError` if it exists and is not an empty folder."""
+    out = Path(output).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--output {out}: already exists and is not an empty folder; choose a "
+                         "new one (an export never overwrites)")
+    return out
+
+
+def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+    """The --platforms list, checked against what jax2tf lowers for."""
+    chosen = tuple(dict.fromkeys(p.strip().lower() for p in platforms if p.strip()))
+    unknown = [p for p in chosen if p not in PLATFORMS]
+    if not chosen or unknown:
+        raise InputError(f"--platforms: expected a comma-separated subset of "
+                         f"{', '.join(PLATFORMS)}; found {','.join(platforms) or 'nothing'}")
+    return chosen
+
+
+def save_module(module: Any, output: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the SavedModel (signature `serving_default`) and `assets.extra/unet_jax.json`.
+
+    It is written into a temporary sibling folder and renamed into place, so an interrupted
+    export leaves no half-written --output.
+    """
+    import tensorflow as tf
+
+    out = check_output(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tf.saved_model.save(module, str(partial), signatures={"serving_default": module.serve})
+        (partial / META_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (partial / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        check_output(out)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def export_checkpoint(config: Any, checkpoint: str | Path, output: str | Path, *,
+                      platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Path:
+    """Build the config's model, load --checkpoint, write the SavedModel to --output."""
+    from unet_jax.io import weights
+    from unet_jax.models import build_model
+
+    out = check_output(output)
+    platforms = check_platforms(platforms)
+    model = build_model(config.model)
+    info = weights.load(model, checkpoint)
+    meta = {"classes": list(info.get("classes") or config.data.classes),
+            "palette": [list(p) for p in (info.get("palette") or config.data.palette)],
+            "checkpoint": info["source"], "platforms": list(platforms),
+            "signature": {"inputs": {"image": "uint8 [H, W, 3] RGB"},
+                          "outputs": {"labels": "uint8 [H, W]",
+                                      "scores": ("float32 [H, W, C] "
+                                                 + ("TTA probabilities" if config.eval.tta
+                                                    else "logits"))}},
+            "config": config.to_dict()}
+    return save_module(make_module(config, model, platforms), out, meta)
+
+
+def main(config: Any, argv: Sequence[str]) -> None:
+    """Export --checkpoint with `config` to the SavedModel --output."""
+    from absl import flags, logging
+
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    out = export_checkpoint(config, f.checkpoint, f.output, platforms=f.platforms)
+    print(f"wrote SavedModel (serving_default: image uint8 [H, W, 3] -> labels, scores) to {out}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint", None,
+                        "mmseg .pth, weights folder (unet_jax.convert) or training workdir")
+    flags.DEFINE_string("output", None, "SavedModel folder to create (must not exist, or be "
+                        "empty)")
+    flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                      f"platforms the model forward is lowered for, a subset of "
+                      f"{','.join(PLATFORMS)}")
+    flags.mark_flags_as_required(["checkpoint", "output"])
+
+
+def run() -> None:
+    """`python -m unet_jax.export` / the `unet-jax-export` console entry."""
+    common.run(main, prog="unet_jax.export", define_flags=_define_flags)
+
+
+if __name__ == "__main__":
+    run()
