@@ -1,0 +1,90 @@
+"""The original 2015 U-Net: parameter count, sizes, the up-convolution and the size check."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from unet_jax.models import unet2015
+from unet_jax.models.unet2015 import UNet2015, UpConv
+
+
+def _abstract(in_channels: int = 1, num_classes: int = 2) -> UNet2015:
+    return nnx.eval_shape(lambda: UNet2015(in_channels, num_classes, rngs=nnx.Rngs(0)))
+
+
+def _out_shape(height: int, width: int) -> jax.ShapeDtypeStruct:
+    """The forward's output shape for a (1, height, width, 1) input, computing nothing."""
+    graphdef, state = nnx.split(_abstract())
+    return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                          jax.ShapeDtypeStruct((1, height, width, 1), jnp.float32))
+
+
+def test_parameter_count_is_the_papers():
+    """31,030,658 for 1 input channel and 2 classes, biases included (computed from Fig. 1:
+    sum over the 23 convolutions of k*k*in*out + out)."""
+    by_hand = 0
+    ins = (1, 64, 128, 256, 512)
+    for i, o in zip(ins, unet2015.CHANNELS):           # contracting: two 3x3 convs per level
+        by_hand += 9 * i * o + o + 9 * o * o + o
+    for k in range(4):                                 # expanding: up-conv + two 3x3 convs
+        c = unet2015.CHANNELS[k]
+        by_hand += 4 * 2 * c * c + c + 9 * 2 * c * c + c + 9 * c * c + c
+    by_hand += 64 * 2 + 2                              # 1x1 classifier
+    assert by_hand == 31_030_658
+    params = nnx.state(_abstract(), nnx.Param)
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == 31_030_658
+
+
+def test_output_size_572_to_388():
+    out = _out_shape(572, 572)
+    assert out.shape == (1, 388, 388, 2) and out.dtype == jnp.float32
+    assert unet2015.output_size(572) == 388 and unet2015.output_size(700) == 516
+    assert 572 - 388 == 2 * unet2015.CONTEXT
+
+
+@pytest.mark.parametrize("size, near", [(512, "508 / 524"), (100, "188"), (573, "572 / 588")])
+def test_refuses_sizes_that_do_not_pool_evenly(size, near):
+    with pytest.raises(ValueError) as err:
+        _out_shape(size, 572)
+    message = str(err.value)
+    assert "\n" not in message and f"{size} x 572" in message and near in message, message
+    for s in unet2015.valid_input_sizes(size):
+        unet2015.check_input_size(s, s)  # the named sizes are valid
+
+
+def test_upconv_is_torchs_transposed_conv_k2_s2():
+    """y[2i + a, 2j + b] = x[i, j] @ W[a, b] + bias: ConvTranspose2d(kernel 2, stride 2) by its
+    definition (each input pixel scatters one 2x2 block), in float64 numpy."""
+    layer = UpConv(3, 5, rngs=nnx.Rngs(1))
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    kernel, bias = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...])
+    want = np.zeros((2, 8, 6, 5))
+    for i in range(4):
+        for j in range(3):
+            for a in range(2):
+                for b in range(2):
+                    want[:, 2 * i + a, 2 * j + b] = x[:, i, j].astype(np.float64) @ kernel[a, b]
+    got = np.asarray(layer(jnp.asarray(x)))
+    # float32 sums of 3 products of N(0,1) x N(0, 2/3) terms: a few ulps of values of order 1.
+    np.testing.assert_allclose(got, want + bias, rtol=0, atol=1e-5)
+
+
+def test_init_std_is_sqrt_2_over_fan_in():
+    model = UNet2015(1, 2, rngs=nnx.Rngs(0))
+    kernel = np.asarray(model.down[2].conv2.kernel[...])   # 3x3 over 256 channels: fan_in 2304
+    # 589,824 draws: the sample std is within 4 standard errors (std / sqrt(2n)) of the target.
+    target = np.sqrt(2 / 2304)
+    assert abs(kernel.std() - target) < 4 * target / np.sqrt(2 * kernel.size)
+    assert not np.asarray(model.down[2].conv2.bias[...]).any()
+
+
+def test_forward_is_deterministic_without_key_and_dropout_changes_it():
+    model = UNet2015(1, 2, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 188, 188, 1)), jnp.float32)
+    a, b = model(x), model(x)
+    assert a.shape == (1, 4, 4, 2) and np.array_equal(np.asarray(a), np.asarray(b))
+    c = model(x, dropout_key=jax.random.key(0))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
