@@ -36,6 +36,11 @@ setup(
     ]},
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3"],
+        # Exporting to mmseg (.pth). On Linux, PyPI's torch is the CUDA build (several GB of
+        # nvidia-* wheels); the README installs the CPU build from PyTorch's index (pip's
+        # --extra-index-url https://download.pytorch.org/whl/cpu): 2.13.0+cpu meets this pin.
         "torch": ["torch==2.13.0"],
+        # The viewer of the run folder's TensorBoard scalars (tensorboardX writes them).
+        "tensorboard": ["tensorboard>=2.20,<3"],
     },
 )

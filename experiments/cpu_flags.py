@@ -1,9 +1,10 @@
-"""What the XLA:CPU flag that unet_jax sets at import buys: the same cases with and without it.
+"""What the XLA:CPU flag that unet_jax's command lines set buys: the same cases with and without.
 
     python experiments/cpu_flags.py [--force] [--out experiments/results/cpu_flags.md]
 
-`unet_jax/__init__.py` adds `--xla_cpu_experimental_ynn_fusion_type=dot,reduce` to XLA_FLAGS
-(YNNPACK for matmuls and reductions) unless UNET_JAX_XLA_DEFAULTS=0; jaxlib's own default and
+The command lines (`unet_jax.cli.common.use_cpu_xla_flags`, before JAX starts) add
+`--xla_cpu_experimental_ynn_fusion_type=dot,reduce` to XLA_FLAGS (YNNPACK for matmuls and
+reductions) unless UNET_JAX_XLA_DEFAULTS=0; jaxlib's own default and
 the flag emptied (no YNNPACK fusion) are the other two variants. Each variant below runs
 `python -m unet_jax.benchmark step|infer` in a fresh process (the flag only acts when the CPU
 backend starts), with the variants interleaved case by case so that drift hits all of them alike.

@@ -57,6 +57,8 @@ def pytest_configure(config: pytest.Config) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if TEST_XLA_FLAGS not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {TEST_XLA_FLAGS}".strip()
+    from unet_jax.cli.common import use_cpu_xla_flags
+    use_cpu_xla_flags()  # as the command lines compile, in-process and in every subprocess
 
 
 # ------------------------------------------------------------------------------ configs
@@ -68,20 +70,14 @@ def tiny_config(spec: str | Path = TINY, overrides: dict[str, Any] | None = None
     mmseg fixtures' widths (base 8; decode head 8 for FCN, 4 for PSP and ASPP). `overrides` map
     dotted fields to values, applied last.
     """
-    from unet_jax.config import load_config
+    from unet_jax.config import load_config, override
 
     spec = str(spec)
     config = load_config(spec if spec.startswith("/") else str(REPO / spec))
     if spec.startswith("configs/"):
         config.model.base_channels = 8
         config.model.head_channels = 8 if config.model.head == "fcn" else 4
-    for dotted, value in (overrides or {}).items():
-        section, _, name = dotted.rpartition(".")
-        node = config
-        for part in section.split(".") if section else []:
-            node = node[part]
-        node[name] = value
-    return config
+    return override(config, overrides or {})
 
 
 def fixture_model(name: str, *, pth_suffix: str = "", arg_suffix: str = "",
@@ -140,6 +136,8 @@ def run_env(tmp_path_factory) -> dict[str, str]:
     env.update(UNET_JAX_TEST_TFDS=str(root / "tfds"), JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="3")
     env["XLA_FLAGS"] = TEST_XLA_FLAGS
+    from unet_jax.cli.common import use_cpu_xla_flags
+    use_cpu_xla_flags(env)
     env.pop("UNET_JAX_TEST_SIGNAL_AT", None)
     return env
 

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 
 from conftest import REPO
-from unet_jax.config import check_config, load_config, set_field
+from unet_jax.config import check_config, check_config_file, load_config, override, set_field
 from unet_jax.errors import ConfigError
 
 DATASETS = ("drive", "stare", "chase_db1", "hrf", "cityscapes")
@@ -92,16 +92,40 @@ def test_bad_arguments_are_named():
 
 
 def test_overrides_are_parsed_and_typed():
+    """Strings are parsed by ml_collections.config_flags as on the command line, typed by the
+    field; other values are assigned as they are."""
     c = load_config("configs/hrf.py:deeplabv3,ce_dice",
                     {"model.base_channels": "8", "data.crop_size": "(32, 32)",
-                     "eval.tta": "True", "data.manual_dir": "123", "train.lr": "0.5"})
+                     "eval.tta": "True", "data.manual_dir": "123", "train.lr": "1",
+                     "data.palette": "((0,0,0),(200,30,30))", "eval.stride": "21,21",
+                     "model.dropout_ratio": 0.25})
     assert c.model.base_channels == 8 and c.model.head == "deeplabv3"
     assert tuple(c.data.crop_size) == (32, 32) and c.eval.tta is True
-    assert c.data.manual_dir == "123" and c.train.lr == 0.5
-    with pytest.raises(ConfigError, match="no field 'train.num_stepz'"):
+    assert c.data.manual_dir == "123" and c.train.lr == 1.0 and isinstance(c.train.lr, float)
+    assert c.data.palette == ((0, 0, 0), (200, 30, 30)) and c.eval.stride == (21, 21)
+    assert c.model.dropout_ratio == 0.25
+    override(c, {"eval.tta": "false", "data.crop_size": [64, 64]})
+    assert c.eval.tta is False and c.data.crop_size == (64, 64)
+    with pytest.raises(ConfigError, match="no field 'train.num_stepz'; train has .*num_steps"):
         set_field(c, "train.num_stepz", 3)
-    with pytest.raises(ConfigError, match="model.base_channels='wide'"):
+    with pytest.raises(ConfigError, match="no field 'trainz'"):
+        set_field(c, "trainz.num_steps", "3")
+    with pytest.raises(ConfigError, match="base_channels=wide: invalid literal for int"):
         set_field(c, "model.base_channels", "wide")
+    with pytest.raises(ConfigError, match="eval.tta=yes"):
+        set_field(c, "eval.tta", "yes")
+    with pytest.raises(ConfigError, match="expected a value like 8 \\(int\\)"):
+        set_field(c, "model.base_channels", (8,))
+
+
+def test_a_config_file_must_be_python(tmp_path):
+    record = tmp_path / "config.json"
+    record.write_text("{}\n")
+    with pytest.raises(ConfigError, match="config.json: not a Python config file"):
+        load_config(str(record))
+    with pytest.raises(ConfigError, match="nowhere.py does not exist"):
+        check_config_file("configs/nowhere.py:fcn")
+    assert check_config_file("configs/drive.py:fcn").name == "drive.py"
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -7,7 +7,6 @@ point calls it before preparing data or compiling anything, so a wrong value cos
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 import math
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from unet_jax.errors import ConfigError
+from unet_jax.errors import ConfigError, UserError, one_line
 from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES
 
 DATASET_NAMES = ("drive", "stare", "chase_db1", "hrf", "cityscapes", "synthetic")
@@ -28,18 +27,33 @@ SECTIONS = ("model", "loss", "train", "data", "eval")
 
 
 # ------------------------------------------------------------------------------ loading
+def check_config_file(spec: str) -> Path:
+    """The Python file of `spec` ("path/to/config.py[:arg]"); a `ConfigError` if it is none.
+
+    The command lines call it before `ml_collections.config_flags` loads the file, which would
+    defer a missing file into an error object and run a run's `config.json` as Python.
+    """
+    file = Path(str(spec).partition(":")[0])
+    example = "e.g. configs/drive.py[:pspnet,ce_dice]"
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist (expected {example})")
+    if file.suffix != ".py":
+        raise ConfigError(f"--config {file}: not a Python config file (expected {example}; a "
+                          "run's config.json is a record of a run, not a config)")
+    return file
+
+
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:
-    """`spec` is "path/to/config.py[:arg]"; `overrides` map dotted names to values.
+    """`spec` is "path/to/config.py[:arg]"; `overrides` map dotted names to values (`override`).
 
-    String values of `overrides` are parsed as Python literals where the field is not a string
-    (as on the command line: `train.num_steps=100`, `data.crop_size=(32,32)`).
+    What `--config` (ml_collections.config_flags) gives the command lines, for library code and
+    tests, with the same override parser. Each file is loaded as a fresh module of its own name:
+    config_flags loads every file into one module ("config_config"), so a config file that
+    itself calls `load_config` (tests/tiny_config.py) would run inside its caller's namespace.
     """
-    path, _, arg = str(spec).partition(":")
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist (expected e.g. configs/drive.py"
-                          "[:pspnet,ce_dice])")
+    file = check_config_file(spec)
+    arg = str(spec).partition(":")[2]
     module_spec = importlib.util.spec_from_file_location(f"unet_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -52,13 +66,39 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{file}: get_config must return an ml_collections.ConfigDict, "
                           f"found {type(config).__name__}")
-    for dotted, value in (overrides or {}).items():
+    return override(config, overrides or {})
+
+
+def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+             ) -> ml_collections.ConfigDict:
+    """Set the dotted fields of `overrides` in `config` (in place; returned): a string is
+    parsed as `--config.<field>=<string>` would be, any other value assigned as it is."""
+    for dotted, value in overrides.items():
         set_field(config, dotted, value)
     return config
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """Set `config.<dotted>` to `value` (a string is parsed unless the field holds a string)."""
+    """Set `config.<dotted>` to `value` (a string is parsed by config_flags as on the command
+    line, unless the field holds a string)."""
+    node, leaf = _parent(config, dotted)
+    current = node[leaf]
+    if isinstance(value, str) and not isinstance(current, str):
+        _parse_override(config, dotted, value)
+        return
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--config.{dotted}={value!r}: expected a value like "
+                          f"{current!r} ({type(current).__name__})") from err
+
+
+def _parent(config: ml_collections.ConfigDict, dotted: str
+            ) -> tuple[ml_collections.ConfigDict, str]:
+    """(the section holding field `dotted`, the field's name); a ConfigError naming the first
+    missing part and the fields there are."""
     *parents, leaf = dotted.split(".")
     node = config
     for k, name in enumerate(parents):
@@ -71,34 +111,46 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
         raise ConfigError(f"--config.{dotted}: the config has no field {dotted!r}"
                           + (f"; {'.'.join(parents) or 'it'} has {', '.join(fields)}"
                              if fields else ""))
-    current = node[leaf]
-    if isinstance(value, str) and not isinstance(current, str):
-        value = _parse_literal(value, current)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    try:
-        node[leaf] = value
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--config.{dotted}={value!r}: expected a value like "
-                          f"{current!r} ({type(current).__name__})") from err
+    return node, leaf
 
 
-def _parse_literal(text: str, current: Any) -> Any:
-    if isinstance(current, bool) or text in ("True", "False", "true", "false"):
-        low = text.lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
+def _parse_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """`--config.<dotted>=<text>` applied to `config` by ml_collections.config_flags, the parser
+    of the command lines (typed by the field: tuples `(0,0,0),(200,30,30)`, booleans, ...)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["unet_jax", f"--config.{dotted}={text}"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=False,
+                                    sys_argv=argv)
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if "," in text:  # 32,32 -> (32, 32)
-            try:
-                return tuple(ast.literal_eval(f"({text},)"))
-            except (ValueError, SyntaxError):
-                pass
-        return text
+        values(argv)
+    except flags.Error as err:
+        raise ConfigError(flag_error_message(err)) from err
+
+
+def flag_error_message(err: BaseException, argv: Sequence[str] = ()) -> str:
+    """One line for an error raised while absl/config_flags parse a command line: the message
+    of a `UserError` raised inside `get_config` (config_flags wraps it with a traceback), the
+    override naming a field the config lacks, else absl's own message."""
+    chain, cause = [], err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in reversed(chain):
+        if isinstance(cause, UserError):
+            return one_line(cause)
+    missing = next((c for c in chain if isinstance(c, KeyError) and c.args
+                    and isinstance(c.args[0], str)), None)
+    if missing is not None:  # ml_collections: KeyError("'num_stepz'\nDid you mean ...?")
+        name, _, hint = missing.args[0].partition("\n")
+        name = name.strip("'")
+        flag = next((a.split("=")[0] for a in argv if a.startswith("-")
+                     and name in a.split("=")[0].split(".")[1:]), "--config")
+        return f"{flag}: the config has no field {name!r}" + (f"; {one_line(hint)}" if hint
+                                                                   else "")
+    return one_line(err)
 
 
 # ------------------------------------------------------------------------------ checking

@@ -9,6 +9,7 @@ uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
@@ -197,6 +198,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """
     check_config(config)
     workdir = Path(workdir).absolute()
+    created = not workdir.exists()
     lock = WorkdirLock(workdir)
     error = None
     if parallel.is_main_process():
@@ -206,10 +208,27 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             error = err
     if int(parallel.broadcast_from_main(np.int32(error is None))) != 1:
         raise error or WorkdirError(f"{workdir} is in use by another run (see process 0)")
+    failed = True
     try:
-        return _train_and_evaluate(config, workdir)
+        summary = _train_and_evaluate(config, workdir)
+        failed = False
+        return summary
     finally:
         lock.release()
+        if failed and created and parallel.is_main_process():
+            _remove_empty_folders(workdir)
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """Remove `folder` if no file lies under it: a run that failed before writing anything (a
+    missing dataset, a bad checkpoint) leaves no empty run folder behind."""
+    inside = sorted(folder.rglob("*"), reverse=True)  # children before parents
+    if any(not p.is_dir() or p.is_symlink() for p in inside):
+        return
+    for path in [*inside, folder]:
+        with contextlib.suppress(OSError):  # filled meanwhile (or gone): keep the error raised
+            path.rmdir()
+
 
 
 def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:

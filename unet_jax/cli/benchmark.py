@@ -30,6 +30,8 @@ import numpy as np
 from unet_jax.cli import common
 from unet_jax.errors import InputError
 
+COMMANDS = ("step", "infer", "input")
+
 
 def _median_time(fn: Callable[[], Any], reps: int) -> float:
     times = []
@@ -185,6 +187,10 @@ def _report(name: str, result: dict[str, Any], json_path: str) -> None:
 
 
 def _size(text: str) -> tuple[int, int] | None:
+    """--image_size "H,W" (or HxW) as (H, W); None when empty; an InputError unless both sides
+    are positive and the image is no larger than predict accepts (images.MAX_PIXELS)."""
+    from unet_jax.io.images import MAX_PIXELS
+
     if not text:
         return None
     try:
@@ -193,6 +199,9 @@ def _size(text: str) -> tuple[int, int] | None:
         raise InputError(f"--image_size {text!r}: expected H,W, e.g. 584,565") from err
     if h < 1 or w < 1:
         raise InputError(f"--image_size {text!r}: expected positive sides")
+    if h * w > MAX_PIXELS:
+        raise InputError(f"--image_size {text!r}: {h * w} pixels; at most {MAX_PIXELS} "
+                         "(unet_jax.io.images.MAX_PIXELS, as predict)")
     return h, w
 
 
@@ -201,7 +210,7 @@ def main(config: Any, argv: list[str]) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    if len(argv) != 2 or argv[1] not in ("step", "infer", "input"):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
         raise InputError("usage: python -m unet_jax.benchmark step|infer|input --config "
                          f"configs/<dataset>.py; found arguments {argv[1:]}")
     what = argv[1]
@@ -210,7 +219,7 @@ def main(config: Any, argv: list[str]) -> None:
     elif what == "infer":
         result = measure_infer(config, image_size=_size(f.image_size), reps=f.reps)
     else:
-        workers = config.data.workers if f.workers < 0 else f.workers
+        workers = config.data.workers if f.workers is None else f.workers
         result = measure_input(config, workers=workers, steps=f.steps or 100,
                                batch_size=f.batch_size, drive_dir=f.drive_dir or None)
     _report(what, result, f.json)
@@ -219,20 +228,35 @@ def main(config: Any, argv: list[str]) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_integer("batch_size", 0, "global batch (0: config.train.batch_size)")
-    flags.DEFINE_integer("steps", 0, "timed steps (step: at least 5; input: default 100)")
-    flags.DEFINE_integer("reps", 3, "infer: timed runs after the first")
+    flags.DEFINE_integer("batch_size", 0, "global batch (0: config.train.batch_size)",
+                         lower_bound=0)
+    flags.DEFINE_integer("steps", 0, "timed steps (step: at least 5; input: default 100)",
+                         lower_bound=0)
+    flags.DEFINE_integer("reps", 3, "infer: timed runs after the first", lower_bound=1)
     flags.DEFINE_string("image_size", "", "infer: H,W of the random image (default "
                         "data.image_size)")
-    flags.DEFINE_integer("workers", -1, "input: augmentation processes (-1: data.workers)")
+    flags.register_validator("image_size", _valid_size)
+    flags.DEFINE_integer("workers", None, "input: augmentation processes (default: "
+                         "data.workers)", lower_bound=0)
     flags.DEFINE_string("drive_dir", "", "input: read DRIVE's official folders from here "
                         "instead of TFDS")
     flags.DEFINE_string("json", "", "also write the figures as JSON here")
 
 
+def _valid_size(text: str) -> bool:
+    """absl validator of --image_size: its error names the flag (`_size` says what is wrong)."""
+    from absl import flags
+    try:
+        _size(text)
+    except InputError as err:
+        raise flags.ValidationError(str(err).split(": ", 1)[-1]) from err
+    return True
+
+
 def run() -> None:
     """`python -m unet_jax.benchmark` / the `unet-jax-benchmark` console entry."""
-    common.run(main, prog="unet_jax.benchmark", define_flags=_define_flags)
+    common.run(main, prog="unet_jax.benchmark", define_flags=_define_flags,
+               positionals=" | ".join(COMMANDS))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,8 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("output", None, "folder for train/ and validation/")
-    flags.DEFINE_integer("num", 16, "training samples, and at most as many validation images")
+    flags.DEFINE_integer("num", 16, "training samples, and at most as many validation images",
+                         lower_bound=1)
     flags.mark_flags_as_required(["output"])
 
 

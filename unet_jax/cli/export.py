@@ -206,6 +206,8 @@ def _define_flags() -> None:
                       f"platforms the model forward is lowered for, a subset of "
                       f"{','.join(PLATFORMS)}")
     flags.mark_flags_as_required(["checkpoint", "output"])
+    flags.register_validator("platforms", lambda p: bool(p) and set(p) <= set(PLATFORMS),
+                             f"expected a comma-separated subset of {','.join(PLATFORMS)}")
 
 
 def run() -> None:

@@ -18,7 +18,6 @@ from typing import Any
 from absl import flags, logging
 
 from unet_jax.cli import common
-from unet_jax.errors import ConfigError
 
 _DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped on purpose, resumable
@@ -33,8 +32,10 @@ def _define_flags() -> None:
                       "else --config.init_from).")
     flags.DEFINE_string("coordinator_address", None,
                         "Multi-host: HOST:PORT of process 0's coordinator.")
-    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-    flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.",
+                         lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.",
+                         lower_bound=0)
     flags.DEFINE_string(
         "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "unet_jax", "jax"),
         "Persistent XLA compilation cache (repeat runs start much faster); '' disables it. "
@@ -51,9 +52,7 @@ def _setup_cache(path: str) -> None:
 
 def main(config: Any, argv: list[str]) -> int:
     """Entry point after flag parsing: train (default) or evaluate `config`."""
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments {argv[1:]}; fields are set with "
-                          "--config.<section>.<field>=VALUE")
+    del argv  # common.run refuses positional arguments
     f = flags.FLAGS
     from unet_jax import parallel
     parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
@@ -80,7 +79,7 @@ def main(config: Any, argv: list[str]) -> int:
 def run() -> None:
     """`python -m unet_jax.main` / the `unet-jax-train` console entry."""
     common.run(main, prog="unet_jax.main", define_flags=_define_flags,
-            default_config=str(_DEMO) if _DEMO.is_file() else None)
+               default_config=str(_DEMO) if _DEMO.is_file() else None)
 
 
 if __name__ == "__main__":

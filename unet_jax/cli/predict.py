@@ -316,7 +316,8 @@ def _define_flags() -> None:
 
 def run() -> None:
     """`python -m unet_jax.predict` / the `unet-jax-predict` console entry."""
-    common.run(main, prog="unet_jax.predict", define_flags=_define_flags)
+    common.run(main, prog="unet_jax.predict", define_flags=_define_flags,
+               positionals="IMAGE_OR_FOLDER ... (more --input paths)")
 
 
 if __name__ == "__main__":
