@@ -108,7 +108,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
+        # A marker, so that a run with a single logged step still draws its point.
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], marker=".")
         axes[0].set_yscale("log")
     axes[0].set(title="training loss", xlabel="step")
     axes[0].grid(alpha=0.3)
@@ -124,9 +125,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
             axes[1].plot(*zip(*points), marker="s", linestyle="--", label=f"Dice {fg}")
     axes[1].set(title="validation (%)", xlabel="step")
     axes[1].grid(alpha=0.3)
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
