@@ -7,6 +7,8 @@ from flax import nnx
 
 from conftest import FIXTURE_MODELS, fixture_model, tiny_config
 from unet_jax.models import build_model, count_params
+from unet_jax.errors import ConfigError
+from unet_jax.models.heads import ASPPHead, FCNHead, PSPHead
 from unet_jax.models.layers import adaptive_pool_matrix
 from unet_jax.models.unet import UNet
 from unet_jax.config import load_config
@@ -53,6 +55,25 @@ def test_unet_general_options():
     assert len(unet.encoder[2][1].convs) == 3 and not hasattr(unet.decoder[0].upsample, "conv")
     with pytest.raises(ValueError, match="dec_num_convs must have 4 entries.*found 3"):
         UNet(dec_num_convs=(2, 2, 2), rngs=nnx.Rngs(0))
+
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda r: FCNHead(4, 4, 2, in_index=0, num_convs=-1, rngs=r),
+     r"num_convs must be an int >= 0, got -1"),
+    (lambda r: FCNHead(4, 4, 2, in_index=0, dilation=0, rngs=r),
+     r"dilation must be an int > 0, got 0"),
+    (lambda r: FCNHead(8, 4, 2, in_index=0, num_convs=0, concat_input=False, rngs=r),
+     r"in_channels \(8\) must equal channels \(4\)"),
+    (lambda r: PSPHead(4, 4, 2, in_index=0, pool_scales=1, rngs=r), r"pool_scales .* got 1$"),
+    (lambda r: PSPHead(4, 4, 2, in_index=0, pool_scales=(1, 0), rngs=r), r"got \(1, 0\)$"),
+    (lambda r: ASPPHead(4, 4, 2, in_index=0, dilations=1, rngs=r), r"dilations .* got 1$"),
+    (lambda r: ASPPHead(4, 4, 2, in_index=0, dilations=(), rngs=r), r"got \(\)$")])
+def test_heads_refuse_bad_arguments_in_one_line(build, message):
+    """As mmseg's asserts, at construction (not at the first forward), as one ConfigError line."""
+    with pytest.raises(ConfigError, match=message) as err:
+        build(nnx.Rngs(0))
+    assert "\n" not in str(err.value)
 
 
 def test_initialisation_matches_mmseg():

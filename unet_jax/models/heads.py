@@ -11,7 +11,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unet_jax.errors import ConfigError
 from unet_jax.models.layers import AdaptiveAvgPool, ConvModule, DecodeHead, resize_bilinear
+
+
+def _positive_ints(head: str, name: str, values: object) -> tuple[int, ...]:
+    """`values` as a non-empty tuple of positive ints, or a one-line `ConfigError` (mmseg asserts
+    a list or tuple here; an int would fail later with "'int' object is not iterable")."""
+    if (not isinstance(values, (list, tuple)) or not values
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+        raise ConfigError(f"{head}: {name} must be a non-empty list or tuple of positive ints, "
+                          f"got {values!r}")
+    return tuple(values)
 
 
 class FCNHead(DecodeHead):
@@ -21,6 +32,13 @@ class FCNHead(DecodeHead):
                  num_convs: int = 2, kernel_size: int = 3, concat_input: bool = True,
                  dilation: int = 1, dropout_ratio: float = 0.1, dtype=jnp.float32,
                  rngs: nnx.Rngs):
+        if not isinstance(num_convs, int) or num_convs < 0:
+            raise ConfigError(f"FCNHead: num_convs must be an int >= 0, got {num_convs!r}")
+        if not isinstance(dilation, int) or dilation <= 0:
+            raise ConfigError(f"FCNHead: dilation must be an int > 0, got {dilation!r}")
+        if num_convs == 0 and in_channels != channels:
+            raise ConfigError(f"FCNHead: num_convs=0 passes the input through, so in_channels "
+                              f"({in_channels}) must equal channels ({channels})")
         self.in_index = in_index
         pad = (kernel_size // 2) * dilation
         self.convs = nnx.List([
@@ -49,6 +67,7 @@ class PSPHead(DecodeHead):
     def __init__(self, in_channels: int, channels: int, num_classes: int, *, in_index: int,
                  pool_scales: Sequence[int] = (1, 2, 3, 6), dropout_ratio: float = 0.1,
                  dtype=jnp.float32, rngs: nnx.Rngs):
+        pool_scales = _positive_ints("PSPHead", "pool_scales", pool_scales)
         self.in_index = in_index
         self.psp_modules = nnx.List([
             nnx.List([AdaptiveAvgPool(s),
@@ -73,6 +92,7 @@ class ASPPHead(DecodeHead):
     def __init__(self, in_channels: int, channels: int, num_classes: int, *, in_index: int,
                  dilations: Sequence[int] = (1, 6, 12, 18), dropout_ratio: float = 0.1,
                  dtype=jnp.float32, rngs: nnx.Rngs):
+        dilations = _positive_ints("ASPPHead", "dilations", dilations)
         self.in_index = in_index
         self.image_pool = nnx.List([
             AdaptiveAvgPool(1), ConvModule(in_channels, channels, 1, dtype=dtype, rngs=rngs)])

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unet_jax.errors import ConfigError
 from unet_jax.models.layers import BatchNorm, ConvModule, MaxPool, Upsample
 
 
@@ -91,7 +92,7 @@ class UNet(nnx.Module):
                                   ("downsamples", downsamples, num_stages - 1),
                                   ("dec_dilations", dec_dilations, num_stages - 1)):
             if len(value) != want:
-                raise ValueError(f"UNet: {name} must have {want} entries (num_stages="
+                raise ConfigError(f"UNet: {name} must have {want} entries (num_stages="
                                  f"{num_stages}), found {len(value)}: {tuple(value)}")
         self.strides = tuple(strides)
         self.downsamples = tuple(downsamples)
