@@ -1,8 +1,10 @@
 """`python -m unet_jax.main` for tests, able to signal itself at a chosen step.
 
-UNET_JAX_TEST_SIGNAL_AT="<signal>:<step>[:<checkpoint>]" (signal TERM or KILL) sends that signal
-to this process right after it writes a metrics.jsonl line of <step>; with <checkpoint>, it
-first waits (up to 60 s) until that periodic checkpoint is committed.
+UNET_JAX_TEST_SIGNAL_AT="<signal>:<step>[:<checkpoint>]" (signal TERM, KILL or INT) sends that
+signal to this process right after it writes a metrics.jsonl line of <step>; with <checkpoint>,
+it first waits (up to 60 s) until that periodic checkpoint is committed. "<signal>@group" sends
+it to the whole process group instead, as a terminal's Ctrl-C does (start the process with
+`start_new_session=True` so that the group is its own).
 """
 import os
 import signal
@@ -18,7 +20,8 @@ def _install() -> None:
     if not spec:
         return
     name, step, *wait_for = spec.split(":")
-    signum = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}[name]
+    name, _, target = name.partition("@")
+    signum = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "INT": signal.SIGINT}[name]
     write = run_logs.MetricsLog.write
 
     def write_and_signal(self, record):
@@ -30,7 +33,10 @@ def _install() -> None:
             deadline = time.monotonic() + 60
             while not committed.is_dir() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        os.kill(os.getpid(), signum)
+        if target == "group":
+            os.killpg(os.getpgrp(), signum)
+        else:
+            os.kill(os.getpid(), signum)
 
     run_logs.MetricsLog.write = write_and_signal
 

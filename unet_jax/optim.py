@@ -2,6 +2,8 @@
 (configs/_base_/schedules/schedule_40k.py; mmengine/optim/scheduler/lr_scheduler.py, PolyLR)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import jax.numpy as jnp
@@ -55,3 +57,26 @@ def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
         optax.add_decayed_weights(weight_decay),
         optax.sgd(poly_schedule(train_cfg), momentum=momentum, nesterov=False),
     )
+
+
+SCHEDULE_FIELDS = ("num_steps", "lr", "lr_min", "power", "momentum", "weight_decay")
+
+
+def schedule_changes(saved: Mapping[str, Any], train_cfg: Any, step: int) -> str | None:
+    """A one-line note of the schedule fields that differ between a run's recorded `train`
+    config (`saved`, from its config.json) and `train_cfg`, with the learning rate the next step
+    gets under each; None if none differ.
+
+    PolyLR is a function of (step, num_steps), so a new `num_steps` moves the lr of the resumed
+    step at once (e.g. near lr_min at the old end, far above it under a longer schedule).
+    """
+    changed = [f"train.{k} {saved[k]!r} -> {train_cfg[k]!r}" for k in SCHEDULE_FIELDS
+               if k in saved and saved[k] != train_cfg[k]]
+    if not changed:
+        return None
+    recorded = SimpleNamespace(**{k: saved.get(k, train_cfg[k]) for k in SCHEDULE_FIELDS})
+    return (f"note: resuming at step {step} with a changed schedule ({', '.join(changed)}): "
+            f"training continues on the new one; lr of step {step + 1}: "
+            f"{poly_lr(step, train_cfg):.4g} "
+            f"(the recorded schedule: {poly_lr(step, recorded):.4g})")
+

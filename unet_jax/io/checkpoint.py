@@ -15,16 +15,12 @@ uninterrupted run exactly.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
-import re
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +31,8 @@ from jax.experimental import multihost_utils
 from unet_jax.errors import CheckpointError, DamagedCheckpointError, one_line, warn
 from unet_jax.parallel import sync
 from unet_jax.step import LOGS, MODEL, OPTIMIZER, TrainState
-from unet_jax.io.weights import (BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, digest,
-                              restore_state, verify)
+from unet_jax.io.weights import (BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, check_space,
+                                 digest, restore_state, verify, writing)
 
 TRAIN_ITEM = "train"
 DAMAGED_DIR, DIVERGED_DIR = "damaged", "diverged"
@@ -52,59 +48,32 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-@contextlib.contextmanager
-def _writing(directory: Path) -> Iterator[None]:
-    """Turn orbax's and tensorstore's wrapped OS errors (disk full, read-only, ...) into one
-    `CheckpointError` naming the folder and the OS error."""
-    try:
-        yield
-    except OSError as err:
-        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
-                              f"{err.strerror or one_line(err)}") from err
-    except Exception as err:  # tensorstore reports errno inside a ValueError's message
-        code = re.search(r"os_error_code='(\d+)'", str(err))
-        if code is None:
-            raise
-        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
-                              f"{os.strerror(int(code.group(1)))}") from err
-
-
-def _mib(size: int) -> str:
-    """Bytes as MiB with one decimal (0.1 MiB at least, so that a small size is not '0')."""
-    return f"{max(size / 2**20, 0.1):.1f} MiB"
-
-
-def _check_space(directory: Path, tree: Any) -> None:
-    """Refuse a save that cannot fit on the disk (a clear error before orbax starts)."""
-    need = sum(int(x.nbytes) for x in jax.tree.leaves(tree))
-    probe = directory if directory.exists() else directory.parent
-    free = shutil.disk_usage(probe).free
-    if need > free:
-        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
-                              f"{os.strerror(errno.ENOSPC)} (needs {_mib(need)}, "
-                              f"{_mib(free)} free)")
-
-
 # --------------------------------------------------------------------------- preemption
 
 class PreemptionWatcher:
-    """Notices SIGTERM: a flag on one process; JAX's preemption sync point across processes.
+    """Notices SIGTERM and SIGINT (Ctrl-C): a flag on one process; JAX's preemption sync point
+    (SIGTERM) across processes.
 
     `reached(step)` must be called at every step by every process; it turns True at the same
-    step everywhere, after which the trainer saves and exits.
+    step everywhere, after which the trainer saves and exits. A second SIGINT while the first is
+    being handled raises `KeyboardInterrupt` as usual (the impatient way out).
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self._flag = threading.Event()
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
         if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
-        logging.warning("signal %d received: saving a checkpoint and stopping", signum)
-        self._flag.set()
+        if signum == signal.SIGINT and self._flag.is_set():
+            raise KeyboardInterrupt
+        self._flag.set()  # the trainer prints one line when it has saved
 
     def request(self) -> None:
         """Ask for a stop as SIGTERM would (tests, callers)."""
@@ -120,10 +89,10 @@ class PreemptionWatcher:
         return self._flag.is_set()
 
     def close(self) -> None:
-        """Put the previous SIGTERM handler back."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        """Put the previous signal handlers back."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 # --------------------------------------------------------------------------- managers
@@ -162,6 +131,21 @@ class TrainCheckpoints:
         """The last committed periodic checkpoint (None if there is none)."""
         return self.manager.latest_step()
 
+    def check_history(self) -> None:
+        """With no committed checkpoint, refuse a workdir whose earlier checkpoints all turned
+        out unusable (set aside in `damaged/`, or step folders orbax cannot read as committed):
+        starting over there would overwrite the old run's history."""
+        lost = sorted(p.name for p in self.directory.glob("*") if p.name.isdigit())
+        damaged = sorted(p.name for p in self.damaged_directory.glob("*"))
+        if self.latest_step() is not None or not (lost or damaged):
+            return
+        where = (f"step folders {', '.join(lost)} in {self.directory} are not committed "
+                 "checkpoints" if lost else f"{len(damaged)} damaged checkpoint(s) were set "
+                 f"aside in {self.damaged_directory}")
+        raise CheckpointError(f"{self.directory.parent}: no usable checkpoint to resume from "
+                              f"({where}); start a new --workdir rather than training over "
+                              "this run's history")
+
     def save(self, train: TrainState, step: int) -> bool:
         """Start saving the state of `step` (asynchronously); False if that step exists.
 
@@ -171,10 +155,10 @@ class TrainCheckpoints:
         if step in self.manager.all_steps():
             return False
         train_part = _train_part(train.state)
-        _check_space(self.directory, train.state)
+        check_space(self.directory, train.state)
         meta = {"step": step, "digest": {MODEL_ITEM: digest(train.state[MODEL]),
                                          TRAIN_ITEM: digest(train_part)}}
-        with _writing(self.directory):
+        with writing(self.directory):
             return self.manager.save(step, force=True, args=ocp.args.Composite(**{
                 MODEL_ITEM: ocp.args.StandardSave(train.state[MODEL]),
                 TRAIN_ITEM: ocp.args.StandardSave(train_part),
@@ -247,8 +231,8 @@ class TrainCheckpoints:
             return
         if step in self.best.all_steps():
             return
-        _check_space(self.best_directory, train.state[MODEL])
-        with _writing(self.best_directory):
+        check_space(self.best_directory, train.state[MODEL])
+        with writing(self.best_directory):
             self.best.save(step, force=True, metrics={self.metric: float(value)},
                            args=ocp.args.Composite(**{
                                MODEL_ITEM: ocp.args.StandardSave(train.state[MODEL]),
@@ -262,12 +246,12 @@ class TrainCheckpoints:
 
     def wait(self) -> None:
         """Block until every pending save is committed."""
-        with _writing(self.directory):
+        with writing(self.directory):
             self.manager.wait_until_finished()
             self.best.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release the managers."""
-        with _writing(self.directory):
+        with writing(self.directory):
             self.manager.close()
             self.best.close()

@@ -8,14 +8,22 @@
   source, ...);
 * a training checkpoint step (`<workdir>/checkpoints/<step>`, `<workdir>/best/<step>`, which hold
   the same two items), a manager folder (`<workdir>/checkpoints`: its newest step) or a workdir.
-Loading is strict: every missing, unexpected or mis-shaped entry is reported at once.
+Loading is strict: a model that does not fit is refused with a hint and a few of the
+missing, unexpected or mis-shaped entries; `use_recorded_model` builds the model a checkpoint
+records.
 `export_pth` writes the mmseg state_dict layout back (needs torch).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
+import re
+import shutil
 from collections import OrderedDict
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +40,7 @@ from unet_jax.io.pth import load_pth, max_bytes_for
 
 MODEL_ITEM, META_ITEM = "model", "meta"
 CHECKPOINTS_DIR, BEST_DIR = "checkpoints", "best"
+RUN_CONFIG = "config.json"  # a training run folder's config (unet_jax.train writes it)
 TORCH_HINT = ("writing a .pth needs PyTorch: install the converter extra with "
               "`pip install -e .[torch]` (or `pip install torch==2.13.0`)")
 
@@ -56,6 +65,40 @@ def flat_paths(tree: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ writing
+@contextlib.contextmanager
+def writing(directory: Path) -> Iterator[None]:
+    """Turn OS errors (disk full, read-only, ...), also as orbax and tensorstore wrap them, into
+    one `CheckpointError` naming the folder and the OS error."""
+    try:
+        yield
+    except OSError as err:
+        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
+                              f"{err.strerror or one_line(err)}") from err
+    except Exception as err:  # tensorstore reports errno inside a ValueError's message
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        if code is None:
+            raise
+        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
+                              f"{os.strerror(int(code.group(1)))}") from err
+
+
+def _mib(size: int) -> str:
+    """Bytes as MiB with one decimal (0.1 MiB at least, so that a small size is not '0')."""
+    return f"{max(size / 2**20, 0.1):.1f} MiB"
+
+
+def check_space(directory: Path, tree: Any) -> None:
+    """Refuse a save of the arrays of `tree` that cannot fit on the disk (a clear error before
+    orbax starts)."""
+    need = sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+    probe = directory if directory.exists() else directory.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
+                              f"{os.strerror(errno.ENOSPC)} (needs {_mib(need)}, "
+                              f"{_mib(free)} free)")
+
+
 def save(directory: str | Path, model: nnx.Module, meta: dict[str, Any]) -> Path:
     """Write a weights folder (`model/` + `meta/`); atomic, and never over an existing path."""
     directory = Path(directory).absolute()
@@ -63,14 +106,22 @@ def save(directory: str | Path, model: nnx.Module, meta: dict[str, Any]) -> Path
         raise InputError(f"{directory} already exists and is not empty; choose a new --output")
     if directory.exists():
         directory.rmdir()  # orbax writes a temporary folder and renames it into place
-    directory.parent.mkdir(parents=True, exist_ok=True)
     state = model_state(model)
     meta = {**meta, "digest": {MODEL_ITEM: digest(state)}}
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    checkpointer.save(directory, args=ocp.args.Composite(**{
-        MODEL_ITEM: ocp.args.StandardSave(state),
-        META_ITEM: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str)))}))
-    checkpointer.close()
+    with writing(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        check_space(directory, state)
+        checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        try:
+            checkpointer.save(directory, args=ocp.args.Composite(**{
+                MODEL_ITEM: ocp.args.StandardSave(state),
+                META_ITEM: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str)))}))
+        except BaseException:
+            for partial in directory.parent.glob(f"{directory.name}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)  # orbax's uncommitted folder
+            raise
+        finally:
+            checkpointer.close()
     return directory
 
 
@@ -97,8 +148,12 @@ def export_pth(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
         raise InputError(f"{path} already exists; choose a new --output")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(out, tmp)
-    tmp.replace(path)
+    try:
+        with writing(path):
+            torch.save(out, tmp)
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -181,21 +236,53 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 def verify(folder: str | Path, item: str, tree: Any) -> None:
     """Raise `DamagedCheckpointError` unless `tree` matches the digest `folder` recorded for
-    `item` (folders written before digests were recorded pass)."""
+    `item`. A folder without that digest is unverified, which counts as damaged: its arrays
+    cannot be told from changed ones, so they are never used silently."""
     recorded = read_meta(folder).get("digest", {}).get(item)
-    if recorded is not None and digest(tree) != recorded:
+    if recorded is None:
+        raise DamagedCheckpointError(
+            f"{Path(folder) / item}: unverified (no digest recorded in {META_ITEM}/, so damaged "
+            "arrays could not be noticed; a weights folder from an older unet_jax.convert: "
+            "convert it again)")
+    if digest(tree) != recorded:
         raise DamagedCheckpointError(
             f"{Path(folder) / item}: its arrays do not match the digest recorded when it was "
             "saved (the files were changed or damaged)")
 
 
+def _check_readable(folder: Path) -> None:
+    """Raise `DamagedCheckpointError` unless the `model/` item of `folder` reads back as it was
+    written (its own structure, verified against its digest): a damaged `_METADATA` or manifest
+    makes the stored tree look empty, which must not be reported as another model."""
+    src = folder / MODEL_ITEM
+    try:
+        stored = ocp.StandardCheckpointer().restore(src)
+    except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
+        raise DamagedCheckpointError(f"{src}: cannot be read back "
+                                     f"({type(err).__name__}: {one_line(err)})") from err
+    verify(folder, MODEL_ITEM, stored)
+
+
+def mismatch(src: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    """One short line: the hint first, the counts, then at most three examples."""
+    examples = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+                + shapes)[:3]
+    more = len(missing) + len(unexpected) + len(shapes) - len(examples)
+    return (f"{src} does not fit the model built from the config (check --config, "
+            "model.base_channels, model.head and model.num_classes): "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped, "
+            f"e.g. {'; '.join(examples)}" + (f" (+{more} more)" if more else ""))
+
+
 def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
     """The `model/` item of `folder` in the structure, dtypes and shardings of `like`, verified.
 
-    A model that does not fit is one `CheckpointError` listing every missing, unexpected or
-    mis-shaped entry; a folder that cannot be read back as written is a `DamagedCheckpointError`.
+    A model that does not fit is one short `CheckpointError` (`mismatch`), raised only when the
+    folder itself reads back cleanly; a folder that cannot be read back as written (or carries
+    no digest) is a `DamagedCheckpointError`.
     """
-    src = Path(folder) / MODEL_ITEM
+    folder = Path(folder)
+    src = folder / MODEL_ITEM
     try:
         stored = flat_paths(ocp.StandardCheckpointer().metadata(src).item_metadata)
     except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
@@ -208,12 +295,8 @@ def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
               for k in sorted(set(ours) & set(stored))
               if tuple(ours[k].shape) != tuple(stored[k].shape)]
     if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{src} does not fit the model built from the config ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(shapes)} mis-shaped: "
-            + "; ".join([f"missing {k}" for k in missing[:5]]
-                        + [f"unexpected {k}" for k in unexpected[:5]] + shapes[:5])
-            + "); check --config, model.base_channels, model.head and model.num_classes")
+        _check_readable(folder)  # a damaged folder is reported as damaged, not as a mismatch
+        raise CheckpointError(mismatch(src, missing, unexpected, shapes))
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
         restored = ocp.StandardCheckpointer().restore(src, target)
@@ -222,6 +305,63 @@ def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
                                      f"({type(err).__name__}: {one_line(err)})") from err
     verify(folder, MODEL_ITEM, restored)
     return restored
+
+
+def recorded_model(source: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """(the `model` config fields, the file recording them) of a unet_jax checkpoint: a run
+    folder's `config.json` (for the workdir, its manager folder or a step of `checkpoints/` or
+    `best/`) or a weights folder's `meta/`; None for an mmseg `.pth` or where none is recorded."""
+    path = Path(source).expanduser().absolute()
+    if path.is_file() or not path.exists():
+        return None
+    if path.name in (CHECKPOINTS_DIR, BEST_DIR):
+        path = path.parent
+    elif path.parent.name in (CHECKPOINTS_DIR, BEST_DIR):
+        path = path.parent.parent
+    record = path / RUN_CONFIG
+    if record.is_file():
+        try:
+            fields = json.loads(record.read_text()).get("model")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise CheckpointError(f"{record}: unreadable ({one_line(err)})") from err
+    else:
+        record = path / META_ITEM
+        fields = read_meta(path).get("model") if record.is_dir() else None
+    return (fields, record) if isinstance(fields, dict) else None
+
+
+def model_config(model_cfg: Any, source: str | Path, overridden: Collection[str] = ()) -> Any:
+    """`model_cfg` with every field the checkpoint `source` records (`recorded_model`) set to the
+    recorded value, so that commands build the model the checkpoint holds; a field the user set
+    (`overridden`: dotted names, e.g. {"model.base_channels"}) that differs is refused, field by
+    field, as resuming a run folder with another model is.
+    """
+    found = recorded_model(source)
+    if found is None:
+        return model_cfg
+    recorded, where = found
+    ours = json.loads(model_cfg.to_json())
+    fields = [k for k in ours if k in recorded and recorded[k] != ours[k]]
+    clash = [f"model.{k}: {recorded[k]!r} in the checkpoint, {ours[k]!r} now" for k in fields
+             if f"model.{k}" in overridden]
+    if clash:
+        raise CheckpointError(f"{source} holds another model than the one asked for "
+                              f"({'; '.join(clash)}; recorded in {where}); drop those overrides "
+                              "to use the checkpoint's model, or choose another checkpoint")
+    model_cfg = model_cfg.copy_and_resolve_references()
+    with model_cfg.unlocked():
+        for k in fields:
+            model_cfg[k] = tuple(recorded[k]) if isinstance(recorded[k], list) else recorded[k]
+    return model_cfg
+
+
+def use_recorded_model(config: Any, source: str | Path, overridden: Collection[str] = ()) -> Any:
+    """Set `config.model` to the model the checkpoint `source` records (`model_config`; the
+    dotted `overridden` fields, e.g. the command line's `--config.model.*`, are the user's) and
+    check the config again; returns `config`. Every command that takes a checkpoint calls it."""
+    from unet_jax.config import check_config
+    config.model = model_config(config.model, source, overridden)
+    return check_config(config)
 
 
 def load(model: nnx.Module, source: str | Path) -> dict[str, Any]:
