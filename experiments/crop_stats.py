@@ -85,17 +85,28 @@ def reference_crop_labels(labels: list[np.ndarray], count: int, seed: int) -> np
 def pipeline_crop_labels(images: list[np.ndarray], labels: list[np.ndarray], names: list[str],
                          count: int, seed: int) -> np.ndarray:
     """`count` label crops of global samples 0..count-1 of unet_jax's training pipeline."""
-    import tensorflow as tf
-
     from unet_jax.config import load_config
-    from unet_jax.data import pipeline, sampler as data_sampler
+    from unet_jax.data import sampler as data_sampler
 
-    ds = tf.data.Dataset.from_tensor_slices(
-        {"image": np.stack(images), "label": np.stack(labels), "name": np.array(names)})
-    sampler = data_sampler.TrainSampler(pipeline.cache_records(ds),
-                                        load_config("configs/drive.py").data, seed)
+    order = np.argsort(names)  # the records' order (sorted by name)
+    pairs = _Pairs([np.ascontiguousarray(images[k][:, :, ::-1]) for k in order],
+                   [labels[k] for k in order])
+    sampler = data_sampler.TrainSampler(pairs, load_config("configs/drive.py").data, seed)
     parts = [sampler.batch(np.arange(s, min(s + 256, count)))[1] for s in range(0, count, 256)]
     return np.concatenate(parts).astype(np.uint8)
+
+
+class _Pairs:
+    """The sampler's source protocol (`len`, `train_pair`) over decoded arrays in memory."""
+
+    def __init__(self, images_bgr: list[np.ndarray], labels: list[np.ndarray]):
+        self.images, self.labels = images_bgr, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def train_pair(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[k], self.labels[k]
 
 
 # ----------------------------------------------------------------------------------- statistics

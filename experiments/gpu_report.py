@@ -1,14 +1,16 @@
 """One-shot accelerator report: train step, inference, input pipeline and a short DRIVE training.
 
-Here, once (copies DRIVE and the pure-Python packages the report needs that a bare GPU machine
-lacks, ml_collections and tqdm, as zips; about 31 MB):
+Here, once (prepares DRIVE from its official files into the records training reads, and zips
+the pure-Python packages the report needs that a bare GPU machine lacks, ml_collections and
+tqdm; about 30 MB):
     python experiments/gpu_report.py --bundle .gpu_bundle --data ../shared/data/DRIVE
-On the GPU machine (jax with CUDA, flax, optax, orbax, opencv, numpy; no TensorFlow, TFDS or
-ml_collections; nothing is installed), from the repository root, with .gpu_bundle carried along:
+On the GPU machine (jax with CUDA, flax, optax, orbax, opencv, numpy, and grain + array_record,
+which read the records: installed, or carried along as wheels for its Python; no TensorFlow, TFDS
+or ml_collections), from the repository root, with .gpu_bundle carried along:
     python experiments/gpu_report.py --data .gpu_bundle/DRIVE --out $OUT
 Smoke run of the same code on CPU (tiny widths and sizes; the train step on DRIVE float32 only,
 inference on DRIVE (slide) and Cityscapes (whole) only; about 25 s; tests/test_gpu_report.py):
-    python experiments/gpu_report.py --smoke --data ../shared/data/DRIVE --out /tmp/gpu_smoke
+    python experiments/gpu_report.py --smoke --data .gpu_bundle/DRIVE --out /tmp/gpu_smoke
 
 Sections, in this order, each case skipped (and said so) when the time budget (`--budget_s`,
 default 470 s) cannot hold it, and a failing case (e.g. out of memory) reported as one line:
@@ -55,13 +57,22 @@ NEED_S = {"step": 25.0, "infer": 15.0, "input": 20.0, "train": 60.0}
 
 # ------------------------------------------------------------------------------ the bundle
 def make_bundle(bundle: Path, drive_dir: Path) -> None:
-    """Copy DRIVE and zip the `BUNDLED` packages of this Python into `bundle`."""
-    from unet_jax.data.folders import drive_records  # checks the layout before copying
-    drive_records(drive_dir)
+    """Prepare DRIVE's records into `bundle/DRIVE` and zip the `BUNDLED` packages of this
+    Python into `bundle/pylib`."""
+    import tempfile
+
+    from unet_jax.data import loading, records
+
     if bundle.exists() and any(bundle.iterdir()):
         raise SystemExit(f"gpu_report: {bundle} exists and is not empty; remove it or choose "
                          "another --bundle")
-    shutil.copytree(drive_dir, bundle / "DRIVE")
+    with tempfile.TemporaryDirectory(prefix="gpu_report_tfds-") as tfds_dir:
+        builder = loading.prepare({"name": "drive", "manual_dir": str(drive_dir),
+                                   "tfds_data_dir": tfds_dir})
+        (bundle / "DRIVE").mkdir(parents=True)
+        for split in loading.RECORD_SPLITS:
+            shutil.copy(records.split_path(loading.records_dir(builder), split),
+                        records.split_path(bundle / "DRIVE", split))
     pylib = bundle / "pylib"
     pylib.mkdir(parents=True)
     for name in BUNDLED:
@@ -71,7 +82,7 @@ def make_bundle(bundle: Path, drive_dir: Path) -> None:
                 if path.is_file() and "__pycache__" not in path.parts:
                     zf.write(path, path.relative_to(package.parent))
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-    print(f"bundle: {bundle} ({size / 2**20:.1f} MiB): DRIVE + {', '.join(BUNDLED)}")
+    print(f"bundle: {bundle} ({size / 2**20:.1f} MiB): DRIVE's records + {', '.join(BUNDLED)}")
 
 
 def use_bundled(pylib: Path) -> dict[str, str]:
@@ -220,16 +231,16 @@ def infer_case(spec: str, smoke: bool) -> dict[str, Any]:
     return {k: r[k] for k in ("image_size", "mode", "windows", "s_per_image", "first_call_s")}
 
 
-def input_case(drive_dir: Path, workers: int, smoke: bool) -> dict[str, Any]:
+def input_case(records_dir: Path, workers: int, smoke: bool) -> dict[str, Any]:
     from unet_jax.cli.benchmark import measure_input
     config = _config("configs/drive.py:fcn", smoke, shrink=False)
     r = measure_input(config, workers=workers, steps=5 if smoke else 60,
-                      batch_size=2 if smoke else 16, drive_dir=str(drive_dir))
+                      batch_size=2 if smoke else 16, records_dir=str(records_dir))
     return {"crops_per_s": r["crops_per_s"], "startup_s": r["startup_s"],
             "sha": r["batch_sha256"][:16]}
 
 
-def train_case(drive_dir: Path, seconds: float, step_ms: float | None, batch: int, smoke: bool,
+def train_case(records_dir: Path, seconds: float, step_ms: float | None, batch: int, smoke: bool,
                workers: int) -> dict[str, Any]:
     """The canonical step (`unet_jax.step`) on the canonical batches (`data.sampler`) for as
     many steps as `seconds` should hold at `step_ms`, then `unet_jax.evaluate`."""
@@ -237,7 +248,7 @@ def train_case(drive_dir: Path, seconds: float, step_ms: float | None, batch: in
     import numpy as np
 
     from unet_jax import parallel
-    from unet_jax.data.folders import drive_records, drive_validation
+    from unet_jax.data.records import RecordSource, samples, split_path
     from unet_jax.data.sampler import train_batches
     from unet_jax.evaluate import evaluate
     from unet_jax.models import build_model
@@ -252,7 +263,8 @@ def train_case(drive_dir: Path, seconds: float, step_ms: float | None, batch: in
     train = create_train_state(build_model(config.model, seed=t.seed), config)
     train.state = parallel.replicate(train.state, mesh)
     step_fn = parallel.jit_step(make_train_step(train, config), train.state, mesh)
-    batches = train_batches(drive_records(drive_dir), config.data, global_batch_size=batch,
+    batches = train_batches(RecordSource(split_path(records_dir, "train")), config.data,
+                            global_batch_size=batch,
                             seed=t.seed, workers=workers)
     t0 = time.perf_counter()
     done, note = 0, ""
@@ -267,7 +279,8 @@ def train_case(drive_dir: Path, seconds: float, step_ms: float | None, batch: in
     finally:
         batches.close()
     train_s = time.perf_counter() - t0
-    validation = drive_validation(drive_dir)[:2 if smoke else None]
+    validation = list(samples(RecordSource(split_path(records_dir, "validation")),
+                              2 if smoke else 0))
     t1 = time.perf_counter()
     summary = evaluate(train.model(), validation, config, progress=False)
     eval_s = time.perf_counter() - t1
@@ -283,7 +296,9 @@ def train_case(drive_dir: Path, seconds: float, step_ms: float | None, batch: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, type=Path,
-                        help="DRIVE in its official layout (training/, test/)")
+                        help="DRIVE's prepared records (the bundle's DRIVE/); with --bundle: "
+                             "DRIVE in its official layout (training.zip, test.zip or them "
+                             "extracted)")
     parser.add_argument("--out", type=Path, help="where gpu_report.md/json go")
     parser.add_argument("--bundle", type=Path, help="make the bundle here and stop")
     parser.add_argument("--pylib", type=Path, default=REPO / ".gpu_bundle" / "pylib",
@@ -303,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"gpu_report: {args.out / REPORT_MD} exists; pass --force to "
                          "overwrite it or choose another --out")
     where = use_bundled(args.pylib)
-    from unet_jax.data.folders import drive_records
-    drive_records(args.data)  # a bad --data fails here, in one line, before any work
+    from unet_jax.data.records import RecordSource, split_path
+    for split in ("train", "validation"):  # a bad --data fails here, in one line, before any work
+        RecordSource(split_path(args.data, split))
 
     import flax
     import jax

@@ -87,6 +87,12 @@ def test_tfds_cityscapes_builder_prepares_fixture(tmp_path):
             np.testing.assert_array_equal(ex["label"], C.LUT[ids])
             assert set(np.unique(ex["label"]).tolist()) == set(range(19)) | {255}
     assert seen == {i: {"val": "validation"}.get(s, s) for i, (s, _) in labels.items()}
+    for split in ("train", "validation"):  # the records: train ids, the image bytes as stored
+        (sample,) = list(D.source(data, split))
+        _, ids = labels[sample["name"]]
+        assert set(sample) == {"image", "label", "name"}
+        assert sample["image"].shape == (H, W, 3) and sample["image"].dtype == np.uint8
+        np.testing.assert_array_equal(sample["label"], C.LUT[ids])
 
 
 def test_cityscapes_missing_zip(tmp_path):

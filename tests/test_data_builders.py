@@ -55,11 +55,26 @@ def real(request, tmp_path_factory):
     manual = require_shared(DATA / folder)
     info = json.loads(require_shared(FIXTURES / "data" / fixture).read_text())
     data = cfg(name, manual, tmp_path_factory.mktemp(f"tfds_{name}"))
-    return name, info, suffix, {split: read_all(data, split) for split in SPLITS}
+    return name, info, suffix, {split: read_all(data, split) for split in SPLITS}, data
+
+
+def test_records_equal_the_tfds_examples(real):
+    """The records every reader shares hold the TFDS examples' pixels, sorted by name."""
+    _, _, _, examples, data = real
+    for split in SPLITS:
+        source = D.source(data, split)
+        got = list(source)
+        assert [s["name"] for s in got] == sorted(examples[split])
+        for sample in got:
+            ex = examples[split][sample["name"]]
+            assert set(sample) == {"image", "label", "fov", "name"}
+            for key in ("image", "label", "fov"):
+                assert sample[key].dtype == np.uint8
+                np.testing.assert_array_equal(sample[key], ex[key])
 
 
 def test_real_data_equals_mmseg_converters(real):
-    name, info, suffix, examples = real
+    name, info, suffix, examples, _ = real
     for split, mm_split in SPLITS.items():
         ref = info["splits"][mm_split]
         got = examples[split]
@@ -76,7 +91,7 @@ def test_real_data_equals_mmseg_converters(real):
 
 
 def test_real_split_sizes(real):
-    name, _, _, examples = real
+    name, _, _, examples, _ = real
     sizes = {"drive": (20, 20), "stare": (10, 10), "chase_db1": (20, 8)}[name]
     assert (len(examples["train"]), len(examples["validation"])) == sizes
 
@@ -88,7 +103,7 @@ FOV_SHARE = {"drive": (0.67, 0.70), "stare": (0.72, 0.83), "chase_db1": (0.645, 
 
 
 def test_real_fov(real):
-    name, _, _, examples = real
+    name, _, _, examples, _ = real
     folder = DATA / REAL[name][0]
     low, high = FOV_SHARE[name]
     for split, got in examples.items():
@@ -366,6 +381,7 @@ def assert_complete(data: dict) -> None:
     """Prepares if needed, then checks that all 45 examples are there."""
     assert len(read_all(data, "train")) == 15 and len(read_all(data, "validation")) == 30
     assert D.get_builder(data).is_prepared()
+    assert len(D.source(data, "train")) == 15 and len(D.source(data, "validation")) == 30
 
 
 def test_failed_preparation_is_redone(tmp_path, monkeypatch):

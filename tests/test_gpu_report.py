@@ -1,5 +1,6 @@
 """experiments/gpu_report.py runs where the GPU machines stand: TensorFlow, TFDS, PIL, torch and
-matplotlib absent, ml_collections and tqdm only from the bundle's zips (the smoke run, on CPU)."""
+matplotlib absent, ml_collections and tqdm only from the bundle's zips, DRIVE from the bundle's
+prepared records (the smoke run, on CPU)."""
 from __future__ import annotations
 
 import json
@@ -44,10 +45,12 @@ def test_smoke_report_runs_without_tensorflow_or_installed_ml_collections(tmp_pa
     bundle = tmp_path / "bundle"
     made = subprocess.run([sys.executable, str(SCRIPT), "--bundle", str(bundle),
                            "--data", str(drive)], capture_output=True, text=True, check=False,
-                          timeout=120)
+                          timeout=400)
     assert made.returncode == 0, made.stderr[-3000:]
     assert sorted(p.name for p in (bundle / "pylib").iterdir()) == ["ml_collections.zip",
                                                                      "tqdm.zip"]
+    assert sorted(p.name for p in (bundle / "DRIVE").iterdir()) == [
+        "train.array_record", "validation.array_record"]
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     assert size < 64 * 2**20, f"the bundle ({size} bytes) must travel in 64 MiB"
 
@@ -101,4 +104,4 @@ def test_a_bad_data_folder_is_one_line(tmp_path: Path):
                           check=False, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]  # after any TensorFlow start-up log lines
-    assert last.startswith("gpu_report: error: ") and "absent/training/images" in last, last
+    assert last.startswith("gpu_report: error: ") and "absent/train.array_record" in last, last

@@ -72,3 +72,9 @@ def test_builder_needs_no_download(tmp_path):
         np.testing.assert_array_equal(ex["label"], label)
         np.testing.assert_array_equal(ex["fov"], make_fov(seed, 40))
     assert (tmp_path / "synthetic" / "s40_t3_v2_seed5" / "1.1.0").is_dir()
+    for split, examples in (("train", train), ("validation", val)):  # the records, by name
+        got = list(D.source(data, split))
+        assert [g["name"] for g in got] == sorted(ex["name"].decode() for ex in examples)
+        for g, ex in zip(got, sorted(examples, key=lambda ex: ex["name"])):
+            for key in ("image", "label", "fov"):
+                np.testing.assert_array_equal(g[key], ex[key])

@@ -50,6 +50,23 @@ def _name(sample: dict[str, Any], index: int) -> str:
     return str(name) or str(index)
 
 
+def _own_samples(dataset: Iterable[dict[str, Any]], process: int, processes: int,
+                 max_images: int) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(index, sample) of this process's samples (every `processes`-th of the first
+    `max_images`; 0: all). A random-access source (`unet_jax.data.records.RecordSource`) reads
+    only those; another iterable is read whole and the others' samples skipped."""
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        count = min(len(dataset), max_images) if max_images else len(dataset)
+        for index in range(process, count, processes):
+            yield index, dataset[index]
+        return
+    for index, sample in enumerate(dataset):
+        if max_images and index >= max_images:
+            break
+        if index % processes == process:
+            yield index, sample
+
+
 def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], config: Any, *,
              progress: bool = True, return_examples: int = 0,
              ) -> dict[str, Any] | tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -95,11 +112,7 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
     bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, leave=False)
     seen = 0
     try:
-        for index, sample in enumerate(dataset):
-            if max_images and index >= max_images:
-                break
-            if index % processes != process:
-                continue  # another process's sample
+        for index, sample in _own_samples(dataset, process, processes, max_images):
             image = np.asarray(sample["image"])
             name = _name(sample, index)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

@@ -52,22 +52,23 @@ def default_workdir(config: Any, root: str | Path = "runs") -> Path:
 
 
 def load_splits(config: Any) -> tuple[Any, Any]:
-    """(train, validation) tf.data datasets of `config.data`; prepares the data the first time.
+    """(train, validation) record sources of `config.data` (`unet_jax.data.records`); prepares
+    the data the first time. With `data.host_shard` the train source is this host's rows.
 
     Process 0 prepares first; the others then prepare only if their disk does not see it.
     """
     import tensorflow as tf
     from unet_jax import data
+    from unet_jax.data.records import host_rows
 
     tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
     if parallel.is_main_process():
         data.prepare(config.data)
     parallel.sync("unet_jax:data_prepared")
-    train_split = "train"
+    train = data.source(config.data, "train")
     if config.data.host_shard:
-        from unet_jax.data.pipeline import host_train_split
-        train_split = host_train_split(jax.process_index(), jax.process_count())
-    return data.load_split(config.data, train_split), data.load_split(config.data, "validation")
+        train = train.shard(host_rows(len(train), jax.process_index(), jax.process_count()))
+    return train, data.source(config.data, "validation")
 
 
 def _build(config: Any) -> nnx.Module:
@@ -101,11 +102,9 @@ def _check_same_model(workdir: Path, config: Any) -> None:
 def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples: int = 0,
                    progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate `model` on the validation split -> (summary, first `num_examples` examples)."""
-    from unet_jax.data.pipeline import eval_dataset
     from unet_jax.evaluate import evaluate
 
-    samples = eval_dataset(val_ds, config.data, config.eval.max_images)
-    result = evaluate(model, samples, config, progress=progress, return_examples=num_examples)
+    result = evaluate(model, val_ds, config, progress=progress, return_examples=num_examples)
     if num_examples:
         summary, examples = result
     else:
@@ -269,10 +268,9 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
     board = TensorBoard(workdir, start)
     step_fn = parallel.jit_step(make_train_step(train, config), train.state, mesh)
 
-    from unet_jax.data.pipeline import cache_records
     from unet_jax.data.sampler import train_batches
     batches: Iterator[dict[str, np.ndarray]] = train_batches(
-        cache_records(train_ds), config.data, global_batch_size=t.batch_size, seed=t.seed,
+        train_ds, config.data, global_batch_size=t.batch_size, seed=t.seed,
         start_step=start, process_index=jax.process_index(),
         process_count=jax.process_count(), host_shard=config.data.host_shard,
         workers=config.data.workers)

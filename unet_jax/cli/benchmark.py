@@ -2,14 +2,14 @@
 
     python -m unet_jax.benchmark step  --config FILE[:ARG] [--batch_size N] [--json PATH]
     python -m unet_jax.benchmark infer --config FILE[:ARG] [--image_size H,W] [--json PATH]
-    python -m unet_jax.benchmark input --config FILE[:ARG] --workers N [--drive_dir DIR] [--json PATH]
+    python -m unet_jax.benchmark input --config FILE[:ARG] --workers N [--records DIR] [--json PATH]
 
 `step`: the jitted, donated train step at the config's crop on random data, median of `--steps`
 (>= 5) steps after warm-up, each blocked on its result. `infer`: the evaluation path (mmseg's test
 pipeline with `eval.mode` slide or whole, `inference.segment`) on one random uint8 image of
 `--image_size` (default `data.image_size`), median of `--reps`. `input`: training crops/s of the
-real pipeline (`sampler.train_batches`, `--workers` processes) on the real dataset (the TFDS
-split of `config.data`, or DRIVE's official folders with `--drive_dir`); `batch_sha256` hashes
+real pipeline (`sampler.train_batches`, `--workers` grain processes) on the real dataset (the
+prepared train records of `config.data`, or of the records folder `--records`); `batch_sha256` hashes
 the first 4 batches, the same bits for any worker count. Each prints its figures and, with
 `--json`, writes them. experiments/bench_vs_mmseg.py puts these next to mmseg's own timings.
 """
@@ -137,23 +137,23 @@ def measure_infer(config: Any, *, image_size: tuple[int, int] | None = None,
             "dtype": config.model.dtype, "reps": reps, **_platform()}
 
 
-def training_records(config: Any, drive_dir: str | None = None) -> list:
-    """The training records: DRIVE's official folders, or the TFDS split of `config.data`."""
-    if drive_dir:
-        from unet_jax.data.folders import drive_records
-        return drive_records(drive_dir)
+def training_source(config: Any, records_dir: str | None = None) -> Any:
+    """The training records: those in `records_dir` (a prepared records folder, e.g. the GPU
+    report's bundle), or those of `config.data` (prepared first if needed)."""
+    from unet_jax.data import records
+    if records_dir:
+        return records.RecordSource(records.split_path(records_dir, "train"))
     import unet_jax.data as data
-    from unet_jax.data.pipeline import cache_records
-    return cache_records(data.load_split(config.data, "train"))
+    return data.source(config.data, "train")
 
 
 def measure_input(config: Any, *, workers: int, steps: int = 100, batch_size: int = 0,
-                  drive_dir: str | None = None) -> dict[str, Any]:
+                  records_dir: str | None = None) -> dict[str, Any]:
     """Training crops/s of `sampler.train_batches` with `workers` processes."""
     from unet_jax.data.sampler import train_batches
 
     batch = batch_size or config.train.batch_size
-    records = training_records(config, drive_dir)
+    records = training_source(config, records_dir)
     t0 = time.perf_counter()
     batches = train_batches(records, config.data, global_batch_size=batch,
                             seed=config.train.seed, workers=workers)
@@ -173,7 +173,7 @@ def measure_input(config: Any, *, workers: int, steps: int = 100, batch_size: in
     return {"crops_per_s": steps * batch / seconds, "workers": workers, "batch": batch,
             "steps": steps, "batch_sha256": digest.hexdigest(), "startup_s": startup,
             "cpu_cores": os.cpu_count(), "dataset": config.data.name,
-            "source": drive_dir or "tfds"}
+            "source": records_dir or "config"}
 
 
 def _report(name: str, result: dict[str, Any], json_path: str) -> None:
@@ -221,7 +221,7 @@ def main(config: Any, argv: list[str]) -> None:
     else:
         workers = config.data.workers if f.workers is None else f.workers
         result = measure_input(config, workers=workers, steps=f.steps or 100,
-                               batch_size=f.batch_size, drive_dir=f.drive_dir or None)
+                               batch_size=f.batch_size, records_dir=f.records or None)
     _report(what, result, f.json)
 
 
@@ -238,8 +238,8 @@ def _define_flags() -> None:
     flags.register_validator("image_size", _valid_size)
     flags.DEFINE_integer("workers", None, "input: augmentation processes (default: "
                          "data.workers)", lower_bound=0)
-    flags.DEFINE_string("drive_dir", "", "input: read DRIVE's official folders from here "
-                        "instead of TFDS")
+    flags.DEFINE_string("records", "", "input: read the train records of this prepared "
+                        "records folder instead of config.data's")
     flags.DEFINE_string("json", "", "also write the figures as JSON here")
 
 

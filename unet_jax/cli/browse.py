@@ -14,7 +14,7 @@ a crop) left as the image):
   float RGB; they are de-normalised with `data.mean` / `data.std` for display (the padding of a
   crop then shows the mean colour).
 * `DIR/validation/<K>_<name>.png`: the first --num validation images at their original size with
-  their labels (`unet_jax.data.pipeline.eval_dataset`, the image the metrics are computed on).
+  their labels (`unet_jax.data.records.samples`, the image the metrics are computed on).
 
 The dataset is prepared first if needed (as for training). `DIR/train` and `DIR/validation` must
 not exist or be empty.
@@ -80,7 +80,7 @@ def browse(config: Any, output: str | Path, num: int = 16, *, progress: bool = T
     import tensorflow as tf
 
     from unet_jax import data
-    from unet_jax.data.pipeline import cache_records, eval_dataset
+    from unet_jax.data.records import samples as eval_samples
     from unet_jax.data.sampler import train_batches
 
     if num < 1:
@@ -88,13 +88,12 @@ def browse(config: Any, output: str | Path, num: int = 16, *, progress: bool = T
     train_dir, val_dir = _check_output(output)
     tf.config.set_visible_devices([], "GPU")  # the input pipeline runs on the host
     d, batch = config.data, int(config.train.batch_size)
-    train_split, val_split = data.load_split(d, "train"), data.load_split(d, "validation")
-    num_val = int(val_split.cardinality())  # negative when unknown
-    bar = tqdm(total=num + (min(num, num_val) if num_val >= 0 else num), desc="browse",
-               unit="png", disable=not progress)
+    train_split, val_split = data.source(d, "train"), data.source(d, "validation")
+    bar = tqdm(total=num + min(num, len(val_split)), desc="browse", unit="png",
+               disable=not progress)
     written: dict[str, list[Path]] = {TRAIN_DIR: [], VALIDATION_DIR: []}
     train_dir.mkdir(parents=True, exist_ok=True)
-    batches = train_batches(cache_records(train_split), d, global_batch_size=batch,
+    batches = train_batches(train_split, d, global_batch_size=batch,
                             seed=int(config.train.seed), host_shard=bool(d.host_shard),
                             workers=0)
     for step in range((num + batch - 1) // batch):
@@ -106,7 +105,7 @@ def browse(config: Any, output: str | Path, num: int = 16, *, progress: bool = T
             written[TRAIN_DIR].append(path)
             bar.update()
     val_dir.mkdir(parents=True, exist_ok=True)
-    for k, sample in enumerate(eval_dataset(val_split, d, max_images=num)):
+    for k, sample in enumerate(eval_samples(val_split, max_images=num)):
         path = val_dir / f"{k:04d}_{_file_stem(sample['name'])}.png"
         Image.fromarray(side_by_side(sample["image"], sample["label"], d.palette)).save(path)
         written[VALIDATION_DIR].append(path)

@@ -7,7 +7,7 @@ draw is made up front (`AugParams`, `sample_params`); the keep-ratio resize is c
 inside the chosen crop window by an integer emulation of cv2's bilinear/nearest resize; the
 cat_max_ratio candidates are checked vectorised; the photometric distortion runs vectorised over
 the batch (`train_batch`). Images are BGR uint8, as cv2 (and so mmseg) decodes them; `normalise`
-returns RGB. `eval_image` is the test pipeline's image.
+returns RGB.
 
 The tests replay the same `AugParams` through an implementation structured exactly like mmseg's
 transforms (tests/mmseg_reference.py, itself checked against mmseg's outputs) and check that both
@@ -23,6 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from unet_jax import preprocess
 from unet_jax.preprocess import rescale_size
 
 IGNORE_INDEX = 255
@@ -56,18 +57,10 @@ def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarr
 
 
 def normalise(img_bgr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """SegDataPreProcessor: BGR->RGB, float32, (x - mean) / std with RGB-order mean/std."""
+    """SegDataPreProcessor on a BGR image: BGR->RGB, then `unet_jax.preprocess.normalise`."""
     if img_bgr.ndim != 3 or img_bgr.shape[2] != 3:
         raise ValueError(f"image: expected HxWx3 BGR, found shape {img_bgr.shape}")
-    rgb = img_bgr[:, :, ::-1].astype(np.float32)
-    return (rgb - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def eval_image(image_bgr: np.ndarray, data_cfg: Any) -> np.ndarray:
-    """Test pipeline image: keep-ratio resize to data.img_scale (identity at native size),
-    normalised RGB."""
-    img, _ = resize_keep_ratio(image_bgr, None, data_cfg.img_scale)
-    return normalise(img, data_cfg.mean, data_cfg.std)
+    return preprocess.normalise(img_bgr[:, :, ::-1], mean, std)
 
 
 # ------------------------------------------------------------- pre-drawn parameters (fast path)
@@ -309,22 +302,19 @@ def train_batch(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
             img, lab = hflip(img, lab)
         crops.append(img)
         labs.append(lab)
-    mean, std = np.asarray(data_cfg.mean, np.float32), np.asarray(data_cfg.std, np.float32)
     full = [k for k, c in enumerate(crops) if c.shape[:2] == (ch, cw)]
     if len(full) == len(crops):  # the usual case: one vectorised pass, no padding
         stack = np.stack(crops)
         if data_cfg.photometric:
             stack = photometric_batch(stack, params)
-        rgb = stack[..., ::-1].astype(np.float32)
-        rgb -= mean
-        rgb /= std
-        return rgb, np.stack(labs).astype(np.int32)
+        return (preprocess.normalise(stack[..., ::-1], data_cfg.mean, data_cfg.std),
+                np.stack(labs).astype(np.int32))
     out = np.zeros((len(crops), ch, cw, 3), np.float32)
     out_lab = np.full((len(crops), ch, cw), IGNORE_INDEX, np.int32)
     for k, (img, lab, p) in enumerate(zip(crops, labs, params)):
         if data_cfg.photometric:
             img = photometric_batch(img[None], [p])[0]
         gh, gw = img.shape[:2]
-        out[k, :gh, :gw] = (img[..., ::-1].astype(np.float32) - mean) / std
+        out[k, :gh, :gw] = normalise(img, data_cfg.mean, data_cfg.std)
         out_lab[k, :gh, :gw] = lab
     return out, out_lab

@@ -1,5 +1,9 @@
 """Prepare and read the dataset of a config's `data` section (name, manual_dir, tfds_data_dir).
 
+`prepare` builds the TFDS dataset once and writes its splits as the records every reader shares
+(`unet_jax.data.records`); `source` opens a split's records; `load_split` is the TFDS view of a
+split as a `tf.data.Dataset` (the public TFDS contract; the library itself reads the records).
+
 Every dataset is one row of `DATASETS`: its TFDS builder name, what `manual_dir` must hold
 (`None`: nothing, the data are generated), the archives that must be there, how its examples
 map onto the common features, and what its `fov` feature holds (`None`: no field-of-view masks,
@@ -17,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from unet_jax.config import DATASET_NAMES
-from unet_jax.data import cityscapes
+from unet_jax.data import cityscapes, records
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
 from unet_jax.data.builders.common import check_manual_dir, data_error
 from unet_jax.data.synthetic import Synthetic, synthetic_config
@@ -32,6 +36,7 @@ class DatasetSpec:
     to_common: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]] | None = None
     options: Callable[[Any], tfds.core.BuilderConfig] | None = None  # builder config from data
     fov: str | None = None                # what the `fov` feature holds; None: no such feature
+    image_feature: str = "image"          # the builder's image feature (stored encoded as is)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -42,7 +47,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cityscapes": DatasetSpec(
         "cityscapes/semantic_segmentation", cityscapes.INSTRUCTIONS,
         required_files=("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"),
-        to_common=cityscapes.to_common_features),
+        to_common=cityscapes.to_common_features, image_feature="image_left"),
     "synthetic": DatasetSpec(
         "synthetic", None, options=lambda data: synthetic_config(**dict(data.synthetic)),
         fov=Synthetic.FOV),
@@ -71,16 +76,34 @@ def get_builder(data: Any) -> tfds.core.DatasetBuilder:
     return tfds.builder(spec.tfds_name, data_dir=data.tfds_data_dir)
 
 
-def prepare(data: Any) -> tfds.core.DatasetBuilder:
-    """Build the dataset into `data.tfds_data_dir` unless it is there already; returns the builder.
+RECORD_SPLITS = ("train", "validation")
 
-    TFDS writes into a temporary folder and renames it when done, so an interrupted preparation
-    is never taken for a finished one: the next call prepares again.
+
+def records_dir(builder: tfds.core.DatasetBuilder) -> Path:
+    """The folder of a prepared dataset's records (inside the builder's versioned folder)."""
+    return Path(builder.data_dir) / "records"
+
+
+def prepare(data: Any) -> tfds.core.DatasetBuilder:
+    """Build the dataset into `data.tfds_data_dir` and write its records, unless they are there
+    already; returns the builder.
+
+    TFDS writes into a temporary folder and renames it when done, and each records file is
+    renamed into place once complete, so an interrupted preparation is never taken for a
+    finished one: the next call prepares (or writes the records) again.
     """
     data = _data(data)
     builder = get_builder(data)
-    if builder.is_prepared():
-        return builder
+    if not builder.is_prepared():
+        _build(builder, data)
+    for split in RECORD_SPLITS:
+        path = records.split_path(records_dir(builder), split)
+        if not path.is_file():
+            records.write_split(_examples(builder, data, split), path)
+    return builder
+
+
+def _build(builder: tfds.core.DatasetBuilder, data: Any) -> None:
     spec = DATASETS[data.name]
     manual_dir = None
     if spec.layout is not None:
@@ -92,7 +115,23 @@ def prepare(data: Any) -> tfds.core.DatasetBuilder:
                 raise data_error(path / name, "archive missing", spec.layout, "no such file")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     builder.download_and_prepare(download_config=config)
-    return builder
+
+
+def _examples(builder: tfds.core.DatasetBuilder, data: Any, split: str):
+    """The split's examples as numpy, images still PNG-encoded (stored as they are)."""
+    skip = {DATASETS[data.name].image_feature: tfds.decode.SkipDecoding()}
+    ds = _as_dataset(builder, data, split, decoders=skip)
+    return ds.as_numpy_iterator()
+
+
+def source(data: Any, split: str) -> records.RecordSource:
+    """The records of `split` ('train' or 'validation') of `config.data`; prepares first if
+    needed. Samples: {image uint8 (H, W, 3) RGB, label uint8 (H, W), name str} and fov uint8
+    (H, W) where `DATASETS[name].fov` says so."""
+    if split not in RECORD_SPLITS:
+        raise ValueError(f"split: expected one of {RECORD_SPLITS}, found {split!r}")
+    builder = prepare(_data(data))
+    return records.RecordSource(records.split_path(records_dir(builder), split))
 
 
 def load_split(data: Any, split: str, *, shuffle_files: bool = False,
@@ -107,7 +146,13 @@ def load_split(data: Any, split: str, *, shuffle_files: bool = False,
     train ids) must stay decoded.
     """
     data = _data(data)
-    builder = prepare(data)
+    return _as_dataset(prepare(data), data, split, shuffle_files=shuffle_files,
+                       read_config=read_config, decoders=decoders)
+
+
+def _as_dataset(builder: tfds.core.DatasetBuilder, data: Any, split: str, *,
+                shuffle_files: bool = False, read_config: tfds.ReadConfig | None = None,
+                decoders: Mapping[str, Any] | None = None) -> tf.data.Dataset:
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
                             decoders=dict(decoders) if decoders else None)
     to_common = DATASETS[data.name].to_common
@@ -116,4 +161,4 @@ def load_split(data: Any, split: str, *, shuffle_files: bool = False,
     return ds
 
 
-__all__ = ["DATASETS", "NAMES", "get_builder", "load_split", "prepare"]
+__all__ = ["DATASETS", "NAMES", "get_builder", "load_split", "prepare", "records_dir", "source"]

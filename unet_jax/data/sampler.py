@@ -1,74 +1,57 @@
-"""Training batches as a pure function of (seed, step), built by worker processes.
+"""Training batches as a pure function of (seed, step), built by grain worker processes.
 
-The training split is cached in host memory once (`Record`s: BGR images and labels, decoded
-arrays or encoded PNG bytes), sorted by `name`. Global sample `i = step * global_batch_size + j`
-is a pure function of `(seed, i)`: its image is `permutation(seed, epoch = i // N)[i % N]` and all
-its augmentation randomness comes from `numpy.random.default_rng([seed, 1, i])` (this per-epoch
-permutation replaces mmseg's RepeatDataset + shuffled sampler). So a run resumed at `start_step`
-sees exactly the batches of an uninterrupted run, each host builds only its own rows
-`[process_index * B_local, (process_index + 1) * B_local)` of every global batch, and the number
-of worker processes changes nothing but the speed.
+The training split is a `RecordSource` (`unet_jax.data.records`: random access by index, images
+decoded once per process while a byte budget allows). Global sample `i = step *
+global_batch_size + j` is a pure function of `(seed, i)`: its image is `permutation(seed, epoch
+= i // N)[i % N]` and all its augmentation randomness comes from
+`numpy.random.default_rng([seed, 1, i])` (this per-epoch permutation replaces mmseg's
+RepeatDataset + shuffled sampler). So a run resumed at `start_step` sees exactly the batches of an
+uninterrupted run, each host builds only its own rows `[process_index * B_local, (process_index +
+1) * B_local)` of every global batch, and the number of worker processes changes nothing but the
+speed.
 
-`train_batches` runs the augmentation in `workers` processes (the standard library's
-multiprocessing, "spawn"): each builds whole batches, the records sit once in shared memory,
-and batches come back in step order with a bounded prefetch. The augmentation is numpy/cv2 code
-that holds the GIL, so threads cannot scale it; processes do. This module imports neither
-TensorFlow nor JAX (it runs where they are absent, e.g. experiments/gpu_report.py).
+`train_batches` is a grain pipeline: `MapDataset.range(start_step, ...)` mapped step -> batch,
+and `mp_prefetch` with `workers` processes. grain gives worker `w` the steps `w, w + workers,
+...` and interleaves their outputs in step order, so the order does not depend on the worker
+count. The augmentation is numpy/cv2 code that holds the GIL, so threads cannot scale it;
+processes do. Workers ignore SIGINT (Ctrl-C reaches the whole process group; the trainer
+decides), and a worker that dies is noticed by grain within a second: `train_batches` then
+starts new workers at the first step not yet delivered, so the batches stay the same. This
+module imports neither TensorFlow nor JAX.
 """
 from __future__ import annotations
 
-import collections
+import contextlib
 import multiprocessing
 import os
-import pickle
+import signal
+import sys
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
+import grain
+from absl import flags
 import numpy as np
 
 from unet_jax.data import augment as A
+from unet_jax.errors import UserError
 
 _PERM_STREAM, _AUG_STREAM = 0, 1
 AUG_FIELDS = ("img_scale", "crop_size", "ratio_range", "cat_max_ratio", "flip_prob",
               "photometric", "mean", "std")
 
 
-@dataclass(frozen=True)
-class Record:
-    """One cached training pair: BGR uint8 image (or encoded bytes) and label (or bytes)."""
-    image: np.ndarray | bytes
-    label: np.ndarray | bytes
-    name: str
+class PairSource(Protocol):
+    """What the sampler reads: `len` and `train_pair(k) -> (BGR image, label)` (a RecordSource)."""
 
+    def __len__(self) -> int: ...
 
-def decode_image_bgr(value: np.ndarray | bytes) -> np.ndarray:
-    """A cached image as BGR uint8 (H, W, 3), decoding encoded bytes as cv2 (mmcv) does."""
-    if isinstance(value, (bytes, memoryview)):
-        img = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"could not decode an encoded image of {len(value)} bytes")
-        return img
-    return value
-
-
-def decode_label(value: np.ndarray | bytes) -> np.ndarray:
-    """A cached label as uint8 (H, W)."""
-    if isinstance(value, (bytes, memoryview)):
-        lab = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_UNCHANGED)
-        if lab is None:
-            raise ValueError(f"could not decode an encoded label of {len(value)} bytes")
-        value = lab
-    if value.ndim == 3 and value.shape[2] == 1:
-        value = value[:, :, 0]
-    if value.ndim != 2 or value.dtype != np.uint8:
-        raise ValueError(f"label: expected uint8 HxW, found {value.dtype} {value.shape}")
-    return value
+    def train_pair(self, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def aug_config(data_cfg: Any) -> SimpleNamespace:
@@ -87,7 +70,7 @@ def _plain(value: Any) -> Any:
 class TrainSampler:
     """Global sample index -> augmented (image, label), a pure function of (seed, index)."""
 
-    def __init__(self, records: Sequence[Record], data_cfg: Any, seed: int,
+    def __init__(self, records: PairSource, data_cfg: Any, seed: int,
                  stream: tuple[int, ...] = ()):
         if seed < 0:
             raise ValueError(f"seed: expected a non-negative int, found {seed}")
@@ -110,7 +93,7 @@ class TrainSampler:
             return perm
 
     def image_index(self, i: int) -> int:
-        """Which cached image global sample `i` uses."""
+        """Which record global sample `i` uses."""
         n = len(self.records)
         return int(self._permutation(i // n)[i % n])
 
@@ -120,8 +103,7 @@ class TrainSampler:
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The decoded (BGR image, label) that global sample `i` augments."""
-        rec = self.records[self.image_index(int(i))]
-        return decode_image_bgr(rec.image), decode_label(rec.label)
+        return self.records.train_pair(self.image_index(int(i)))
 
     def batch(self, indices: np.ndarray, image_indices: np.ndarray | None = None,
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -162,86 +144,152 @@ class BatchPlan:
         image, label = sampler.batch(rows, own)
         return {"image": image, "label": label}
 
-    def sampler(self, records: Sequence[Record]) -> TrainSampler:
+    def sampler(self, records: PairSource) -> TrainSampler:
         stream = (self.process_count, self.process_index) if self.host_shard else ()
         return TrainSampler(records, self.data_cfg, self.seed, stream)
 
 
-# ------------------------------------------------------------------------------ shared memory
-def _pack(records: Sequence[Record]) -> tuple[shared_memory.SharedMemory, list[tuple]]:
-    """All records' bytes in one shared-memory block, and an index to find them again."""
-    parts, index, offset = [], [], 0
-    for rec in records:
-        entry = [rec.name]
-        for value in (rec.image, rec.label):
-            raw = value if isinstance(value, bytes) else np.ascontiguousarray(value).tobytes()
-            kind = ("bytes", None, None) if isinstance(value, bytes) else (
-                "array", value.shape, value.dtype.str)
-            entry.append((offset, len(raw), *kind))
-            parts.append(raw)
-            offset += len(raw)
-        index.append(tuple(entry))
-    block = shared_memory.SharedMemory(create=True, size=max(offset, 1))
-    position = 0
-    for raw in parts:
-        block.buf[position:position + len(raw)] = raw
-        position += len(raw)
-    return block, index
+# ------------------------------------------------------------------------------ grain
+class WorkerError(UserError):
+    """Augmentation workers kept dying; the run stops (its last checkpoint resumes it)."""
 
 
-def _unpack(block: shared_memory.SharedMemory, index: list[tuple]) -> list[Record]:
-    """Zero-copy `Record`s over the shared block (read only)."""
-    def view(offset, size, kind, shape, dtype):
-        raw = block.buf[offset:offset + size]
-        if kind == "bytes":
-            return bytes(raw)  # encoded images are decoded per sample anyway
-        arr = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
-        arr.flags.writeable = False
-        return arr
-    return [Record(view(*img), view(*lab), name) for name, img, lab in index]
+class _StepToBatch:
+    """grain's map step -> this host's batch; pickled to the workers as (plan, source), the
+    sampler (with its permutation cache and lock) is rebuilt in each process."""
+
+    def __init__(self, plan: BatchPlan, source: PairSource):
+        self.plan, self.source = plan, source
+        self._sampler: TrainSampler | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"plan": self.plan, "source": self.source}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.plan, self.source, self._sampler = state["plan"], state["source"], None
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        if self._sampler is None:
+            self._sampler = self.plan.sampler(self.source)
+        return self.plan.make(self._sampler, int(step))
 
 
-_WORKER: dict[str, Any] = {}
+def _worker_init(worker_index: int, worker_count: int) -> None:  # pylint: disable=unused-argument
+    """One process per core without nested thread pools; Ctrl-C is the trainer's to handle (the
+    terminal sends SIGINT to the whole process group); and the worker exits with its parent."""
+    cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
-def _worker_init(block_name: str, index_pickle: bytes, plan: BatchPlan) -> None:
-    cv2.setNumThreads(1)  # one process per core: no nested thread pools
-    block = shared_memory.SharedMemory(name=block_name)
-    _WORKER.update(block=block, plan=plan,
-                   sampler=plan.sampler(_unpack(block, pickle.loads(index_pickle))))
+def _exit_with(parent: Any) -> None:
+    """Wait for the parent's end (its sentinel) and exit: grain's workers would otherwise live on
+    after a SIGKILLed trainer, holding its stdout (a caller waiting on that pipe hangs)."""
+    parent.join()
+    os._exit(0)  # pylint: disable=protected-access
 
 
-def _worker_batch(step: int) -> dict[str, np.ndarray]:
-    return _WORKER["plan"].make(_WORKER["sampler"], step)
+_LAST_STEP = 1 << 62  # "for ever": grain's MapDataset.range needs an end; nothing is allocated
 
 
-def _spawn_pool(workers: int, initargs: tuple) -> Any:
-    """A spawned pool whose processes import the data package without TensorFlow."""
-    previous = os.environ.get("UNET_JAX_LIGHT_DATA")
-    os.environ["UNET_JAX_LIGHT_DATA"] = "1"
-    try:
-        return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init,
-                                                         initargs=initargs)
-    finally:
-        if previous is None:
-            del os.environ["UNET_JAX_LIGHT_DATA"]
-        else:
-            os.environ["UNET_JAX_LIGHT_DATA"] = previous
+def _batches(plan: BatchPlan, source: PairSource, start_step: int, workers: int,
+             prefetch: int) -> Any:
+    """A grain iterator over this host's batches from `start_step` (workers > 0: processes)."""
+    if not flags.FLAGS.is_parsed():
+        # grain reads its absl flags (at their defaults here) when it starts workers; a caller
+        # outside an absl app (a test, a notebook) has not parsed any.
+        flags.FLAGS.mark_as_parsed()
+    ds = grain.MapDataset.range(start_step, _LAST_STEP).map(_StepToBatch(plan, source))
+    # One batch per element: in-process, one thread, a small read-ahead (grain's default of 16
+    # threads would only contend for the GIL).
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if workers > 0:
+        _quiet_resource_tracker()
+        options = grain.MultiprocessingOptions(num_workers=workers,
+                                               per_worker_buffer_size=max(prefetch, 1))
+        it_ds = it_ds.mp_prefetch(options, worker_init_fn=_worker_init)
+    return iter(it_ds)
 
 
-def train_batches(records: Sequence[Record], data_cfg: Any, *, global_batch_size: int,
+def _quiet_resource_tracker() -> None:
+    """Start the resource tracker with its "leaked shared_memory objects" warning off.
+
+    grain hands each batch over as a shared-memory block (a small message on its queue, so a
+    worker killed while it writes cannot leave a half message that blocks the reader for ever,
+    as a pickled batch can). When the workers stop, a block made but not yet handed over is left
+    to the resource tracker, which removes it at exit and warns (about one run in four here).
+    The tracker process takes its warning filters from `sys.warnoptions` when it starts."""
+    option = "ignore::UserWarning:multiprocessing.resource_tracker"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
+    resource_tracker.ensure_running()
+
+
+def _worker_died(err: BaseException) -> bool:
+    # grain reports a worker killed from outside (OOM killer, SIGKILL) as this RuntimeError
+    # (process_prefetch.py, grain 0.2.x), within its 1 s queue timeout.
+    return isinstance(err, RuntimeError) and "terminated unexpectedly" in str(err)
+
+
+class _Watchdog:
+    """SIGKILLs the workers when the consumer has waited `stall_s` for one batch: a hung worker
+    (deadlocked, stopped) then reads as a dead one, which grain reports and we replace. The
+    workers are the child processes started since `__init__` (grain keeps their handles
+    private); the first batch of a start may take `first_s` (the workers import and decode)."""
+
+    def __init__(self, stall_s: float, first_s: float):
+        self.stall_s, self.first_s, self.fired = stall_s, first_s, False
+        self.before = {p.pid for p in multiprocessing.active_children()}
+        self.delivered = False
+
+    def next(self, iterator: Any) -> dict[str, np.ndarray]:
+        """The next batch; the workers are killed if it takes too long."""
+        batch = self._guarded(next, iterator, self.stall_s if self.delivered else self.first_s)
+        self.delivered = True
+        return batch
+
+    def close(self, iterator: Any) -> None:
+        """Close the grain iterator; a worker that makes nothing would block that for ever
+        (grain's reader threads wait on it), so it is killed after `stall_s`."""
+        self._guarded(lambda it: it.close(), iterator, self.stall_s)
+
+    def _guarded(self, fn: Any, iterator: Any, seconds: float) -> Any:
+        timer = threading.Timer(seconds, self._kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            return fn(iterator)
+        finally:
+            timer.cancel()
+
+    def _kill(self) -> None:
+        self.fired = True
+        for child in multiprocessing.active_children():
+            if child.pid not in self.before:
+                with contextlib.suppress(OSError):
+                    os.kill(child.pid, signal.SIGKILL)
+
+
+def train_batches(source: PairSource, data_cfg: Any, *, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, host_shard: bool = False, workers: int = 0,
-                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                  prefetch: int = 2, max_restarts: int = 3, stall_s: float = 30.0,
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite training batches of this host, in step order from `start_step`:
     dict(image float32 (B_local, h, w, 3) normalised RGB, label int32 (B_local, h, w)).
 
     (h, w) = data_cfg.crop_size; B_local = global_batch_size // process_count. With
-    `host_shard`, `records` are this host's shard of the split: images are drawn from it alone,
+    `host_shard`, `source` is this host's shard of the split: images are drawn from it alone,
     by a per-host permutation of the host's own sample counter, so batches depend on
-    (seed, step, process_count). `workers` processes build the batches (0: this process), at
-    most `prefetch` per worker ahead of the consumer. Close the generator (or let it be
-    collected) to stop the workers.
+    (seed, step, process_count). `workers` grain processes build the batches (0: this
+    process), `prefetch` per worker ahead of the consumer. A worker that dies, or that leaves
+    the consumer waiting `stall_s` seconds for a batch (the first one of a start: at least
+    120 s, the workers import and decode), is replaced:
+    new workers from the next undelivered step, so the same batches, with a warning line; after
+    `max_restarts` replacements, `WorkerError`. Close the generator (or let it be collected)
+    to stop the workers.
     """
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size: expected a positive multiple of process_count="
@@ -250,44 +298,31 @@ def train_batches(records: Sequence[Record], data_cfg: Any, *, global_batch_size
         raise ValueError(f"process_index: expected 0..{process_count - 1}, found {process_index}")
     if start_step < 0:
         raise ValueError(f"start_step: expected >= 0, found {start_step}")
-    if not records:
+    if not len(source):
         raise ValueError("training split: expected at least one example, found none")
     plan = BatchPlan(aug_config(data_cfg), int(seed), int(global_batch_size),
                      int(process_index), int(process_count), bool(host_shard))
-    if workers <= 0:
-        sampler = plan.sampler(records)
-        step = start_step
-        while True:
-            yield plan.make(sampler, step)
-            step += 1
-    block, index = _pack(records)
-    pool = _spawn_pool(workers, (block.name, pickle.dumps(index), plan))
-    pending: collections.deque = collections.deque()
-    try:
-        step = start_step
-        while True:
-            while len(pending) < workers * max(prefetch, 1):
-                pending.append(pool.apply_async(_worker_batch, (step,)))
+    step, restarts = start_step, 0
+    while True:
+        watchdog = _Watchdog(stall_s, max(4 * stall_s, 120.0))
+        iterator = _batches(plan, source, step, workers, prefetch)
+        try:
+            while True:
+                batch = watchdog.next(iterator) if workers > 0 else next(iterator)
+                yield batch
                 step += 1
-            yield pending.popleft().get()
-    finally:
-        _stop(pool, pending)
-        block.close()
-        block.unlink()
-
-
-def _stop(pool: Any, pending: collections.deque, wait_s: float = 60.0) -> None:
-    """Let the prefetched batches finish, then stop the workers with their end-of-work sentinel.
-
-    `Pool.terminate` alone can deadlock: a worker killed while it writes a result keeps the
-    result queue's lock, and the pool's task thread then waits on that lock forever (seen here
-    in about one close in twenty). Only workers that do not finish in `wait_s` are terminated.
-    """
-    deadline = time.monotonic() + wait_s
-    for result in pending:
-        result.wait(max(0.0, deadline - time.monotonic()))
-    if all(result.ready() for result in pending):
-        pool.close()
-    else:
-        pool.terminate()
-    pool.join()
+        except RuntimeError as err:
+            if not _worker_died(err):
+                raise
+            what = (f"an augmentation worker made no batch in {stall_s:g} s and was killed"
+                    if watchdog.fired else
+                    f"an augmentation worker died ({' '.join(str(err).split()[:12])})")
+            if restarts >= max_restarts:
+                raise WorkerError(f"{what}, after {restarts} replacement(s); stopped before "
+                                  f"step {step}; the run resumes from its last checkpoint"
+                                  ) from err
+            restarts += 1
+            print(f"warning: {what}; new workers continue from step {step} with the same "
+                  "batches", file=sys.stderr, flush=True)
+        finally:
+            watchdog.close(iterator)

@@ -29,12 +29,12 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
 from unet_jax.errors import DataError
+from unet_jax.io import images
 
 TRAIN, VALIDATION = "train", "validation"
 _JUNK = re.compile(r"(^|/)(\.|__MACOSX/|Thumbs\.db$|desktop\.ini$)")
@@ -352,20 +352,17 @@ def _check_complete(data: bytes, where: str, what: str) -> None:
 
 
 def _decode_bgr(data: bytes, where: str, what: str) -> np.ndarray:
-    """HxWx3 uint8 BGR as `mmcv.imread(..., 'color')`; GIFs: first frame, as cv2.VideoCapture."""
+    """HxWx3 uint8 BGR as `mmcv.imread(..., 'color')` (`unet_jax.io.images.decode_bgr`, the one
+    decoder; GIFs: the first frame, as the converters' cv2.VideoCapture), after a full check."""
     if not data:
         raise data_error(where, f"empty {what} file", f"a {what} file", "0 bytes")
     _check_complete(data, where, what)
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        with Image.open(io.BytesIO(data)) as im:
-            im.seek(0)
-            return np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, :, ::-1])
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
+    try:
+        return images.decode_bgr(data, where)
+    except images.ImageReadError as e:
         raise data_error(where, f"cannot be decoded (corrupt, truncated or not an {what})",
                          f"an {what} file OpenCV decodes (tif, png, jpg, ppm, gif)",
-                         f"{len(data)} bytes starting {data[:8]!r}")
-    return arr
+                         f"{len(data)} bytes starting {data[:8]!r}") from e
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
@@ -427,18 +424,11 @@ def red_channel_fov(image: np.ndarray, threshold: int, where: str) -> np.ndarray
     return fov
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    """Lossless PNG bytes of an RGB uint8 image (OpenCV: ~10x faster than TFDS's TF encoder)."""
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
-    if not ok:
-        raise ValueError(f"PNG encoding failed for an image of shape {rgb.shape}")
-    return buf.tobytes()
-
-
 def example(name: str, image: np.ndarray, label: np.ndarray, fov: np.ndarray
             ) -> dict[str, object]:
     """A TFDS example of the retinal features (the image passed as PNG bytes)."""
-    return {"image": encode_png(image), "label": label, "fov": fov, "name": name}
+    return {"image": images.encode_png(image[:, :, ::-1]), "label": label, "fov": fov,
+            "name": name}
 
 
 def read_pair(pair: Pair) -> dict[str, object]:
