@@ -195,6 +195,7 @@ def test_records_are_sorted_safe_and_refuse_what_is_not_there(tmp_path: Path) ->
     with pytest.raises(R.DataError, match="share a name"):
         R.write_split(examples + examples[:1], tmp_path / "dup.array_record")
     assert not (tmp_path / "dup.array_record").exists()
+    assert not list(tmp_path.glob(".*")), "scratch files left behind"
 
 
 def test_fov_goes_to_evaluation_only() -> None:

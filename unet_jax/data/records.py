@@ -61,21 +61,34 @@ def _text(value: str | bytes) -> str:
 
 
 def write_split(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> int:
-    """Write examples sorted by name to `path` (written beside it, renamed when complete, so a
-    half-written file is never read); returns the number of records."""
+    """Write examples sorted by name to `path`; returns the number of records.
+
+    The examples are written as they come to a scratch file, then copied in name order (one
+    record in memory at a time: Cityscapes' train split is ~7 GB of PNG). The result is renamed
+    into place when complete, so a half-written file is never read.
+    """
     path = Path(path)
-    encoded = sorted((_text(ex["name"]), encode(ex)) for ex in examples)
-    names = [name for name, _ in encoded]
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: two examples share a name; expected unique names")
     path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.unsorted")
     partial = path.with_name(f".{path.name}.partial")
-    writer = array_record_module.ArrayRecordWriter(str(partial), "group_size:1")
-    for _, raw in encoded:
-        writer.write(raw)
+    names = []
+    writer = array_record_module.ArrayRecordWriter(str(scratch), "group_size:1")
+    for ex in examples:
+        names.append(_text(ex["name"]))
+        writer.write(encode(ex))
     writer.close()
-    os.replace(partial, path)
-    return len(encoded)
+    try:
+        if len(set(names)) != len(names):
+            raise DataError(f"{path}: two examples share a name; expected unique names")
+        with array_record_data_source.ArrayRecordDataSource(str(scratch)) as reader:
+            writer = array_record_module.ArrayRecordWriter(str(partial), "group_size:1")
+            for k in sorted(range(len(names)), key=names.__getitem__):
+                writer.write(reader[k])
+            writer.close()
+        os.replace(partial, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return len(names)
 
 
 class _Cache:
