@@ -377,29 +377,31 @@ import os, signal, sys, time
 from unet_jax.config import load_config
 from unet_jax.data.records import RecordSource
 from unet_jax.data.sampler import train_batches
+
+received = []
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a trainer's own handling: finish, then stop
+        signal.signal(sig, lambda number, _: received.append(number))
     batches = train_batches(RecordSource(sys.argv[1]), load_config("configs/drive.py").data,
                             global_batch_size=2, seed=0, workers=2)
     try:
         for step in range(int(sys.argv[2])):
-            next(batches)
-            if step == 1 and sys.argv[3] == "sigint":
-                os.killpg(0, signal.SIGINT)  # what Ctrl-C does: the whole process group
-                time.sleep(5)
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
+            next(batches)  # the workers must still be there after the signal
+            if step == 1 and sys.argv[3] != "normal":  # what Ctrl-C or a scheduler does:
+                os.killpg(0, getattr(signal, sys.argv[3].upper()))  # the whole process group
+                time.sleep(3)
     finally:
         batches.close()
-    print("closed", flush=True)
+    print("interrupted" if received else "", "closed", flush=True)
 """
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("how", ["normal", "sigint"])
+@pytest.mark.parametrize("how", ["normal", "sigint", "sigterm"])
 def test_a_run_ends_quietly_and_ctrl_c_reaches_only_the_trainer(drive, tmp_path: Path,
                                                                 how: str) -> None:
     """No SharedMemory/BufferError or worker tracebacks at the end of a run, and after SIGINT
-    to the whole process group only the trainer sees KeyboardInterrupt."""
+    or SIGTERM to the whole process group only the trainer sees it (no worker dies)."""
     import subprocess
     import sys
     from conftest import REPO
@@ -411,8 +413,9 @@ def test_a_run_ends_quietly_and_ctrl_c_reaches_only_the_trainer(drive, tmp_path:
                           start_new_session=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.split()
-    assert lines == (["interrupted", "closed"] if how == "sigint" else ["closed"]), done.stdout
-    for bad in ("Traceback", "Exception ignored", "BufferError", "KeyboardInterrupt", "leaked"):
+    assert lines == (["closed"] if how == "normal" else ["interrupted", "closed"]), done.stdout
+    for bad in ("Traceback", "Exception ignored", "BufferError", "KeyboardInterrupt", "leaked",
+                "died"):
         assert bad not in done.stderr, done.stderr[-3000:]
 
 

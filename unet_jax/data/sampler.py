@@ -14,8 +14,8 @@ speed.
 and `mp_prefetch` with `workers` processes. grain gives worker `w` the steps `w, w + workers,
 ...` and interleaves their outputs in step order, so the order does not depend on the worker
 count. The augmentation is numpy/cv2 code that holds the GIL, so threads cannot scale it;
-processes do. Workers ignore SIGINT (Ctrl-C reaches the whole process group; the trainer
-decides), and a worker that dies is noticed by grain within a second: `train_batches` then
+processes do. Workers ignore SIGINT and SIGTERM (Ctrl-C or a scheduler signals the whole
+process group; the trainer decides), and a worker that dies is noticed by grain within a second: `train_batches` then
 starts new workers at the first step not yet delivered, so the batches stay the same. This
 module imports neither TensorFlow nor JAX.
 """
@@ -175,10 +175,12 @@ class _StepToBatch:
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:  # pylint: disable=unused-argument
-    """One process per core without nested thread pools; Ctrl-C is the trainer's to handle (the
-    terminal sends SIGINT to the whole process group); and the worker exits with its parent."""
+    """One process per core without nested thread pools; SIGINT and SIGTERM are the trainer's to
+    handle (Ctrl-C, or a scheduler, signals the whole process group): the worker ignores them,
+    grain stops it when the trainer closes the batches, and it exits with its parent."""
     cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
