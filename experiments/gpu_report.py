@@ -282,7 +282,7 @@ def train_case(records_dir: Path, seconds: float, step_ms: float | None, batch: 
     validation = list(samples(RecordSource(split_path(records_dir, "validation")),
                               2 if smoke else 0))
     t1 = time.perf_counter()
-    summary = evaluate(train.model(), validation, config, progress=False)
+    summary = evaluate(train.model(), validation, config, progress=False).summary
     eval_s = time.perf_counter() - t1
     vessel = summary["Dice"]["vessel"]
     fov = summary.get("fov") or {}

@@ -2,6 +2,7 @@
 loader, and running the training CLI in a subprocess (for the tests where that is the point)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -155,14 +156,31 @@ def train_config(run_env):
 # ------------------------------------------------------------------------------ the CLI
 def run_cli(env: dict[str, str], workdir: Path, *flags: str, signal_at: str = "",
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python tests/run_main.py --config tests/tiny_config.py --workdir W FLAGS...`."""
+    """`python tests/run_main.py --config tests/tiny_config.py --workdir W FLAGS...`, in a
+    process group of its own (as a terminal starts a command; `signal_at` may signal the group)."""
     env = dict(env)
     if signal_at:
         env["UNET_JAX_TEST_SIGNAL_AT"] = signal_at
     cmd = [sys.executable, str(RUN_MAIN), f"--config={TINY}", f"--workdir={workdir}",
            "--jax_cache_dir=", *flags]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, start_new_session=True)
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, options: str = "size=64k"):
+    """A tmpfs mounted at `tmp_path/disk` for the block (root only; skips where mounting is not
+    allowed), unmounted afterwards: full-disk and read-only tests."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def read_metrics(workdir: Path) -> list[dict]:

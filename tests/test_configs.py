@@ -169,3 +169,17 @@ def test_demo_and_test_configs_are_valid():
     for spec in ("configs/demo.py", "configs/demo.py:pspnet", "tests/tiny_config.py"):
         c = check_config(load_config(str(REPO / spec)))
         assert c.data.name == "synthetic" and not c.published
+
+
+def test_drive_small_is_the_zoo_row_with_the_cpu_recipe():
+    """`configs/drive.py:<head>,<loss>,small` changes width, lr, batch and schedule only."""
+    row = check_config(load_config(f"{REPO}/configs/drive.py:pspnet,ce_dice"))
+    small = check_config(load_config(f"{REPO}/configs/drive.py:pspnet,ce_dice,small"))
+    assert (small.model.head, small.loss.name) == ("pspnet", "ce_dice")
+    assert (small.model.base_channels, small.train.lr, small.train.batch_size,
+            small.train.num_steps, small.train.eval_every) == (8, 0.1, 8, 600, 200)
+    changed = {f"{section}.{key}" for section in ("model", "loss", "train", "data", "eval")
+               for key in row[section] if row[section][key] != small[section][key]}
+    assert changed == {"model.base_channels", "train.lr", "train.batch_size", "train.num_steps",
+                       "train.eval_every", "train.checkpoint_every", "train.log_every"}
+    assert not small.published and row.published

@@ -1,6 +1,7 @@
 """Converter: mmseg .pth (1.x and released 0.x layouts) <-> unet_jax weights, strict and safe."""
 import json
 import os
+import re
 import pickle
 import subprocess
 import sys
@@ -86,20 +87,22 @@ def test_cli_end_to_end(fixtures_dir, tmp_path):
         fixtures_dir / "models" / "fcn_cityscapes.pth")
     done = subprocess.run(bad, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "decode_head.conv_seg.weight: expected (2, 8, 1, 1), found (19, 8, 1, 1)" in done.stderr
+    assert "conv_seg.weight: expected (2, 8, 1, 1), found (19, 8, 1, 1)" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "configs/cityscapes.py" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_mismatch_lists_every_key_and_suggests_config(fixtures_dir):
+def test_mismatch_is_one_short_line_with_the_hint_first(fixtures_dir):
     model = build_model(_config("fcn_drive").model)
     sd = extract_state_dict(load_pth(fixtures_dir / "models" / "pspnet_drive.pth"))
     with pytest.raises(StateDictMismatchError) as err:
         load_state_dict(model, sd, source="pspnet_drive.pth")
     text = str(err.value)
-    assert "missing: decode_head.convs.0.conv.weight" in text
-    assert "unexpected: decode_head.psp_modules.0.1.conv.weight" in text
-    assert "unexpected: decode_head.bottleneck.bn.running_var" in text
-    assert "pspnet decode head (4 channels) with 2 classes and base_channels 8" in text
+    hint = "pspnet decode head (4 channels) with 2 classes and base_channels 8"
+    assert "\n" not in text and len(text) < 800, text
+    assert text.index(hint) < text.index(" missing, ")
+    assert re.search(r"\b\d+ missing, \d+ unexpected, \d+ mis-shaped keys, e\.g\. ", text), text
+    assert "missing decode_head.convs.0.bn.bias" in text and "(+28 more)" in text, text
 
 
 class _Payload:
@@ -128,3 +131,17 @@ def test_export_without_torch_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(InputError, match=r"pip install -e \.\[torch\]"):
         export_mmseg(_config("fcn_drive"), tmp_path, tmp_path / "x.pth")
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path):
+    """A weights folder (convert's output) that cannot fit: refused before orbax starts, with
+    the folder, the OS error and the sizes; no temporary folder is left on the disk."""
+    from conftest import TINY, small_disk
+    from unet_jax.errors import CheckpointError
+
+    model = build_model(tiny_config(TINY).model)  # 0.3 MiB of weights
+    with small_disk(tmp_path) as disk:
+        with pytest.raises(CheckpointError, match=r"disk/w: cannot write the checkpoint: No space "
+                                                  r"left on device \(needs 0\.\d MiB"):
+            weights.save(disk / "w", model, {"classes": ["a", "b"]})
+        assert not list(disk.iterdir())

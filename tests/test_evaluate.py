@@ -12,7 +12,6 @@ from conftest import FIXTURES, require_shared, tiny_config
 from test_fov_metrics import rank_auc
 from unet_jax import inference as inf
 from unet_jax import run_logs
-from unet_jax.preprocess import rescale_size
 from unet_jax.evaluate import colorize, evaluate, overlay_image, save_comparison_png
 from unet_jax.models.mmseg import extract_state_dict, load_state_dict
 from unet_jax.models import build_model
@@ -70,7 +69,8 @@ def numpy_summary(preds: list[np.ndarray], labels: list[np.ndarray], num_classes
 def test_evaluate_matches_numpy(apply_fn):
     config = eval_config()
     samples = synthetic_samples(3)
-    summary, examples = evaluate(apply_fn, samples, config, progress=False, return_examples=2)
+    result = evaluate(apply_fn, samples, config, progress=False, num_examples=2)
+    summary, examples = result.summary, result.examples
     preds = [np.asarray(inf.segment(apply_fn, s["image"], config)[1]) for s in samples]
     assert len({int(p.sum()) for p in preds}) > 1 or preds[0].any()  # not a constant model
     expect = numpy_summary(preds, [s["label"] for s in samples])
@@ -83,21 +83,15 @@ def test_evaluate_matches_numpy(apply_fn):
         np.testing.assert_array_equal(e["pred"], p)
 
 
-def test_evaluate_max_images_and_normalised_input(apply_fn):
+def test_evaluate_max_images(apply_fn):
     config = eval_config()
     samples = synthetic_samples(3)
     config.eval.max_images = 2
     limited = evaluate(apply_fn, iter(samples), config, progress=False)
     config.eval.max_images = 0
     first_two = evaluate(apply_fn, samples[:2], config, progress=False)
-    assert limited == first_two
-    # a precomputed `image_normalised` (as the eval input pipeline gives) is used as is
-    with_norm = []
-    for s in samples[:2]:
-        hw = rescale_size(*s["image"].shape[:2], config.data.img_scale)
-        norm = inf.normalise(inf.resize_uint8(s["image"], hw), config.data.mean, config.data.std)
-        with_norm.append(dict(s, image_normalised=norm))
-    assert evaluate(apply_fn, with_norm, config, progress=False) == first_two
+    assert limited == first_two and limited.examples == []
+    assert limited.summary != evaluate(apply_fn, samples, config, progress=False).summary
 
 
 def with_fov(samples: list[dict]) -> list[dict]:
@@ -141,13 +135,13 @@ def assert_fov_equal(got: dict, ref: dict) -> None:
 def test_evaluate_fov_metrics_match_numpy(apply_fn, capsys):
     config = eval_config()
     samples = with_fov(synthetic_samples(3))
-    summary = evaluate(apply_fn, samples, config, progress=False)
+    summary = evaluate(apply_fn, samples, config, progress=False).summary
     scores = [np.asarray(inf.segment(apply_fn, s["image"], config)[0]) for s in samples]
     ref = fov_reference(scores, samples, probabilities=False)
     assert 0 < ref["Se"] < 100 and 0 < ref["Sp"] < 100  # a model that is not constant
     assert_fov_equal(summary["fov"], ref)
     # the mmseg metrics ignore the FOV
-    plain = evaluate(apply_fn, synthetic_samples(3), config, progress=False)
+    plain = evaluate(apply_fn, synthetic_samples(3), config, progress=False).summary
     assert "fov" not in plain and {k: v for k, v in summary.items() if k != "fov"} == plain
     run_logs.print_table(summary, config, step=7)
     out = capsys.readouterr().out
@@ -162,7 +156,7 @@ def test_evaluate_fov_auc_uses_the_tta_probabilities(apply_fn):
     config.eval.tta = True
     config.eval.tta_scales = (1.0, 0.75)
     samples = with_fov(synthetic_samples(2))
-    summary = evaluate(apply_fn, samples, config, progress=False)
+    summary = evaluate(apply_fn, samples, config, progress=False).summary
     scores = [np.asarray(inf.segment(apply_fn, s["image"], config)[0]) for s in samples]
     assert all(np.allclose(sc.sum(-1), 1, atol=1e-5) for sc in scores)  # probabilities
     assert_fov_equal(summary["fov"], fov_reference(scores, samples, probabilities=True))

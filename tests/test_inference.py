@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import FIXTURES, require_shared, tiny_config, check_argmax
 from unet_jax import inference as inf
-from unet_jax.preprocess import rescale_size
+from unet_jax.preprocess import rescale_size, tta_view_hw
 from unet_jax.models import build_model
 from unet_jax.models.mmseg import extract_state_dict, load_state_dict
 from unet_jax.io.pth import load_pth
@@ -55,23 +55,21 @@ def test_window_grid_drive():
 def test_slide_batches_are_evenly_filled():
     """As few compiled steps as batch_windows allows, the windows spread evenly over them: HRF's
     294 windows run as 5 x 59 (not 5 x 64 with 26 dummies); a multiple of the device count."""
-    def plan(*args):  # (windows per step, windows incl. dummies, real windows)
-        g = inf._geometry(*args)
-        return g.batch, -(-len(g.windows) // g.batch) * g.batch, len(g.windows)
-
-    assert plan(2336, 3504, (256, 256), (170, 170), 16, 64, 1, 2) == (59, 295, 294)
-    assert plan(2336, 3504, (256, 256), (170, 170), 16, 64, 4, 2) == (60, 300, 294)
-    assert plan(584, 565, (64, 64), (42, 42), 16, 64, 1, 2)[:2] == (61, 183)
-    assert plan(584, 565, (64, 64), (42, 42), 16, 1000, 1, 2)[:2] == (182, 182)
+    hrf = len(inf.slide_windows(2336, 3504, (256, 256), (170, 170)))
+    assert hrf == 294
+    assert inf.slide_batch(hrf, 64, 1) == 59
+    assert inf.slide_batch(hrf, 64, 4) == 60
+    assert inf.slide_batch(182, 64, 1) == 61
+    assert inf.slide_batch(182, 1000, 1) == 182
     assert inf.CPU_WINDOW_PIXELS // (256 * 256) == 16 and inf.CPU_WINDOW_PIXELS // 64**2 >= 64
 
 
 @pytest.mark.parametrize("tag", ["100x90", "64x64"])
 def test_slide_matches_mmseg(apply_fn, fixtures_dir: Path, tag: str):
     d = np.load(fixtures_dir / "inference" / "slide.npz")
-    x = d[f"slide_{tag}_input"].transpose(0, 2, 3, 1)  # (1, H, W, 3)
-    logits, count = inf.slide_inference(apply_fn, x, (32, 32), (21, 21), 2,
-                                        batch_windows=WINDOWS, return_count=True)
+    x = d[f"slide_{tag}_input"][0].transpose(1, 2, 0)  # (H, W, 3)
+    logits = inf.slide_inference(apply_fn, x, (32, 32), (21, 21), 2, batch_windows=WINDOWS)
+    count = inf.window_count(*x.shape[:2], inf.slide_windows(*x.shape[:2], (32, 32), (21, 21)))
     np.testing.assert_array_equal(count, d[f"slide_{tag}_count"])
     err = float(np.abs(np.asarray(logits) - nchw_to_hwc(d[f"slide_{tag}_logits"])).max())
     assert err < 1e-4, f"slide {tag}: max abs logits error {err}"
@@ -79,10 +77,10 @@ def test_slide_matches_mmseg(apply_fn, fixtures_dir: Path, tag: str):
 
 def test_slide_batches_independent_of_batch_size(apply_fn, fixtures_dir: Path):
     d = np.load(fixtures_dir / "inference" / "slide.npz")
-    x = d["slide_100x90_input"].transpose(0, 2, 3, 1)
+    x = d["slide_100x90_input"][0].transpose(1, 2, 0)
     a = inf.slide_inference(apply_fn, x, (32, 32), (21, 21), 2, batch_windows=WINDOWS)
     n_compiled = inf._predict._cache_size()
-    b = inf.slide_inference(apply_fn, x[0] + 0.5, (32, 32), (21, 21), 2, batch_windows=WINDOWS)
+    b = inf.slide_inference(apply_fn, x + 0.5, (32, 32), (21, 21), 2, batch_windows=WINDOWS)
     assert inf._predict._cache_size() == n_compiled, "same shapes must not recompile the model"
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
@@ -102,10 +100,10 @@ def test_small_and_odd_inputs_are_padded(apply_fn):
     expect[:, 13:32] /= 2
     np.testing.assert_allclose(logits, expect, atol=1e-5)
 
-    y = rng.normal(size=(1, 40, 50, 3)).astype(np.float32)
+    y = rng.normal(size=(40, 50, 3)).astype(np.float32)
     whole = np.asarray(inf.whole_inference(apply_fn, y, 2))
     padded = np.zeros((1, 48, 64, 3), np.float32)
-    padded[:, :40, :50] = y
+    padded[0, :40, :50] = y
     np.testing.assert_allclose(whole, np.asarray(apply_fn(padded))[0, :40, :50], atol=1e-6)
 
 
@@ -134,8 +132,8 @@ def test_tta_drive_crop(apply_fn, fixtures_dir: Path):
     config.eval.crop_size = (32, 32)
     config.eval.stride = (21, 21)
     config.eval.batch_windows = WINDOWS
-    probs, views = inf.tta_inference(apply_fn, rgb, config.eval, 2, config.data.mean,
-                                     config.data.std, return_views=True)
+    probs = inf.tta_inference(apply_fn, rgb, config)
+    views = list(inf.tta_views(apply_fn, rgb, config))
     assert len(views) == 12
     view_errs = [float(np.abs(np.asarray(v)[::16, ::16]
                               - ref[f"view{k:02d}_logits_sub16"].transpose(1, 2, 0)).max())
@@ -153,7 +151,7 @@ def test_tta_drive_crop(apply_fn, fixtures_dir: Path):
 
 
 def test_tta_view_sizes():
-    sizes = [inf.tta_view_hw(200, 180, r) for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)]
+    sizes = [tta_view_hw(200, 180, r) for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)]
     assert sizes == [(100, 90), (150, 135), (200, 180), (250, 225), (300, 270), (350, 315)]
     assert rescale_size(584, 565, (584, 565)) == (584, 565)
     assert rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)

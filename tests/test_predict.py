@@ -170,9 +170,11 @@ def test_predict_refuses_unsafe_outputs(tmp_path: Path):
     (out / "b_logits.npy").rmdir()
     np.save(out / "b_logits.npy", np.zeros((4, 4), np.float32))  # not H x W x C
     refused([folder / "b.jpg"], out, r"b_logits\.npy .* not written", save_logits=True)
+    np.save(out / "b_logits.npy", np.zeros((4, 4, 2), np.float32))  # a user's, of our shape
+    refused([folder / "b.jpg"], out, r"b_logits\.npy .* not written", save_logits=True)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     # earlier predict outputs of the same stems are replaced
-    np.save(out / "b_logits.npy", np.zeros((4, 4, 2), np.float32))
+    predict.save_logits(out / "b_logits.npy", np.zeros((4, 4, 2), np.float32))
     predict.save_label_png(out / "b.png", np.zeros((4, 4), np.uint8), [[0, 0, 0], [9, 9, 9]],
                            role="label map of b")
     plans = predict.plan_outputs([folder / "b.jpg"], out, save_logits=True)
@@ -183,6 +185,27 @@ def test_predict_refuses_unsafe_outputs(tmp_path: Path):
     Image.fromarray(pixels).save(tmp_path / "b_overlay.jpg")
     refused([tmp_path / "b_overlay.jpg"], out, "not written by unet_jax.predict as the label map "
             "of b_overlay")
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_no_partial_file(tmp_path: Path):
+    """The logits of a 200 x 200 image (320 KB) do not fit a 64 KiB disk: one InputError naming
+    the file and the OS error; the partial file is removed, the outputs written before stay."""
+    from conftest import small_disk
+
+    class Zeros:  # the writing is under test, not the model
+        palette = [[0, 0, 0], [255, 255, 255]]
+
+        def predict(self, image, resize=True):
+            h, w = image.shape[:2]
+            return np.zeros((h, w), np.uint8), np.zeros((h, w, 2), np.float32)
+
+    Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    with small_disk(tmp_path) as disk:
+        plans = predict.plan_outputs([tmp_path / "a.png"], disk / "out", save_logits=True)
+        with pytest.raises(InputError, match=r"out/a_logits\.npy: cannot write: No space left "
+                                             r"on device$"):
+            predict.write_predictions(Zeros(), plans, progress=False)
+        assert sorted(p.name for p in (disk / "out").iterdir()) == ["a.png", "a_overlay.png"]
 
 
 def test_predict_skips_unreadable_files(tmp_path: Path, segmenter: Segmenter):

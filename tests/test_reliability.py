@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, checkpoint_steps, read_metrics
+from conftest import REPO, TINY, checkpoint_steps, read_metrics, run_cli, small_disk
 from unet_jax.io import weights
 from unet_jax.errors import CheckpointError, DamagedCheckpointError, DivergenceError, WorkdirError
 from unet_jax.io.lock import LOCK_FILE, WorkdirLock
@@ -81,6 +81,112 @@ def test_an_unreadable_checkpoint_falls_back_and_none_intact_is_one_error(finish
         (copy / "checkpoints" / str(step) / "meta" / "metadata").write_text("{not json")
     with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
         train_and_evaluate(make(), copy)
+    # ... and the same command again does not start over on top of the old run's history
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint to resume from \(\d+ damaged"):
+        train_and_evaluate(make(), copy)
+    assert read_metrics(copy) == read_metrics(run)
+
+
+def _flip(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda c: (c / "model" / "manifest.ocdbt").unlink(),
+    lambda c: (c / "model" / "_METADATA").unlink(),
+    lambda c: _flip(c / "model" / "manifest.ocdbt"),
+    lambda c: _flip(c / "model" / "_METADATA"),
+    lambda c: (c / "meta" / "metadata").write_text(json.dumps({"step": 6}))],  # no digest
+    ids=["manifest deleted", "_METADATA deleted", "manifest flipped", "_METADATA flipped",
+         "digest removed"])
+def test_damaged_orbax_metadata_or_a_missing_digest_is_a_damaged_checkpoint(finished, tmp_path,
+                                                                            damage, capfd):
+    """Not 'another model' (a damaged _METADATA reads as an empty tree) and never used
+    unverified: reported by name, set aside under damaged/, the checkpoint before it resumed."""
+    from unet_jax.io.checkpoint import TrainCheckpoints
+    from unet_jax.step import create_train_state
+
+    run, make = finished
+    copy = _copy(run, tmp_path)
+    damage(copy / "checkpoints" / "6")
+    from unet_jax.models import build_model
+    with pytest.raises(DamagedCheckpointError, match="checkpoints/6/model"):
+        weights.load(build_model(make().model), copy / "checkpoints" / "6")
+    ckpts = TrainCheckpoints(copy, keep=0)
+    try:
+        assert ckpts.restore(create_train_state(build_model(make().model), make())) == 4
+    finally:
+        ckpts.close()
+    err = capfd.readouterr().err
+    assert "checkpoints/6/model" in err and "does not fit" not in err, err
+    assert [p.name.split("_")[1] for p in (copy / "damaged").iterdir()] == ["6"]
+
+
+def test_ctrl_c_stops_saves_and_resumes_exactly(finished, tmp_path, run_env):
+    """SIGINT to the process group (a terminal's Ctrl-C; the CLI runs in a group of its own),
+    then to the trainer alone: each stops the run after the next step with a checkpoint, one
+    line, exit code 143 and the lock released, and the run resumes to the undisturbed end."""
+    import orbax.checkpoint as ocp
+
+    ref, make = finished
+    run = tmp_path / "run"
+    flags = [f"--config.train.{k}={v}" for k, v in STEPS.items()]
+    # the group's run augments in a worker process (which gets the SIGINT too); batches are the
+    # same for any worker count
+    for signal_at, stopped, workers in (("INT@group:2", 3, 1), ("INT:4", 5, 0)):
+        done = run_cli(run_env, run, *flags, f"--config.data.workers={workers}",
+                       signal_at=signal_at)
+        assert done.returncode == 143, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+        stops = [line for line in done.stderr.splitlines() if "stopped by a signal" in line]
+        assert len(stops) == 1 and f"after step {stopped};" in stops[0], done.stderr[-3000:]
+        assert stopped in checkpoint_steps(run) and not (run / LOCK_FILE).exists()
+    train_and_evaluate(make(), run)
+    assert read_metrics(run) == read_metrics(ref)
+    for item in ("model", "train"):
+        arrays = [weights.flat_paths(ocp.StandardCheckpointer().restore(
+            d / "checkpoints" / "6" / item)) for d in (ref, run)]
+        assert sorted(arrays[0]) == sorted(arrays[1])
+        for key, value in arrays[0].items():
+            np.testing.assert_array_equal(arrays[1][key], value, err_msg=key)
+
+
+def test_commands_build_the_model_the_checkpoint_records(finished, tmp_path):
+    """A run folder's config.json says which model it holds: the demo config (base_channels 8)
+    loads the tiny run's model (4) unless the user sets the field, and then a difference is
+    refused field by field. Without a record, a model that does not fit is one short line with
+    the hint first."""
+    from unet_jax.segmenter import Segmenter
+
+    run, _ = finished
+    demo = str(REPO / "configs" / "demo.py")
+    for source in (run, run / "checkpoints" / "4", run / "best"):
+        assert Segmenter.load(demo, source).config.model.base_channels == 4
+    with pytest.raises(CheckpointError, match=r"model.base_channels: 4 in the checkpoint, 8 now"):
+        Segmenter.load(demo, run, overrides={"model.base_channels": 8})
+    copy = _copy(run, tmp_path)
+    (copy / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoints/6/model does not fit the model built "
+                                              r"from the config \(check --config") as err:
+        Segmenter.load(demo, copy)
+    assert len(str(err.value)) < 600 and "(+" in str(err.value)
+
+
+def test_resume_with_another_schedule_says_what_changes(finished):
+    """PolyLR follows (step, num_steps): a resumed run on a longer schedule continues on it (the
+    lr of the next step jumps up), and says so in one line; the same schedule says nothing."""
+    from unet_jax.train import _schedule_note
+
+    run, make = finished
+    assert _schedule_note(run, make(), 6) is None
+    note = _schedule_note(run, make(num_steps=12, lr=0.02), 6)
+    assert note.startswith("note: resuming at step 6 with a changed schedule (train.num_steps 6 "
+                           "-> 12, train.lr 0.01 -> 0.02)"), note
+    from unet_jax.optim import poly_lr
+    assert f"lr of step 7: {poly_lr(6, make(num_steps=12, lr=0.02).train):.4g} " in note
+    assert note.endswith(f"(the recorded schedule: {poly_lr(6, make().train):.4g})")
 
 
 def _model_state(make):
@@ -158,16 +264,6 @@ def test_resume_with_another_model_is_refused_with_a_diff(finished, tmp_path):
     assert (copy / "config.json").read_text() == before
 
 
-def _mount(tmp_path: Path, options: str) -> Path:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    return mount
-
-
 # The tiny run's state (0.9 MiB) does not fit in a 64 KiB disk: the space check refuses the
 # first save before orbax starts, and says how much it needs.
 @pytest.mark.parametrize("options,message", [
@@ -175,15 +271,12 @@ def _mount(tmp_path: Path, options: str) -> Path:
     ("size=64k,ro", "Read-only file system")])
 def test_a_full_or_read_only_disk_is_one_line_with_the_os_error(tmp_path, run_env, options,
                                                                  message):
-    mount = _mount(tmp_path, options)  # root only; skipped where mounting is not allowed
-    try:
+    with small_disk(tmp_path, options) as mount:
         cmd = [sys.executable, "-m", "unet_jax.main", f"--config={TINY}",
                f"--workdir={mount / 'run'}", "--jax_cache_dir=",
                "--config.train.checkpoint_every=1"]
         done = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True,
                               timeout=300)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("unet_jax.main: error:") and re.search(message, last), last

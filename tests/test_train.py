@@ -117,9 +117,10 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, run_env, train_conf
 
 def test_divergence_names_the_last_good_checkpoint_and_resumes_from_it(tmp_path, train_config,
                                                                         monkeypatch):
-    """Nothing non-finite is committed; a finite checkpoint that leads into the divergence is
-    set aside; the error names the last good one, and the same command with a lower lr resumes
-    from it to the end. (All four runs are 6-step runs, at two learning rates: two programs.)"""
+    """Nothing non-finite is committed; a checkpoint that leads into the divergence (by its
+    loss history, not only by finiteness) is set aside; the error names the last good one, and
+    the same command with a lower lr resumes from it to the undisturbed run's exact end. (All
+    runs are 6-step runs, at three learning rates: three programs.)"""
     from unet_jax.errors import DivergenceError
     from unet_jax.train import Preempted, train_and_evaluate
 
@@ -128,7 +129,8 @@ def test_divergence_names_the_last_good_checkpoint_and_resumes_from_it(tmp_path,
     with pytest.raises(DivergenceError, match=r"loss is not finite from step 2; .*no checkpoint "
                                               r"precedes the divergence.*lower --config.train.lr"):
         train_and_evaluate(train_config(lr=1e30, **steady), fresh)
-    assert checkpoint_steps(fresh) == [] and len(list((fresh / "diverged").iterdir())) == 1
+    assert not list((fresh / "checkpoints").glob("[0-9]*"))
+    assert len(list((fresh / "diverged").iterdir())) == 1
 
     run = tmp_path / "run"
     with monkeypatch.context() as patch:  # 3 steps at lr 0.01 (a SIGTERM stops it after step 3)
@@ -136,19 +138,25 @@ def test_divergence_names_the_last_good_checkpoint_and_resumes_from_it(tmp_path,
         with pytest.raises(Preempted, match="after step 3"):
             train_and_evaluate(train_config(lr=0.01, **steady), run)
     assert checkpoint_steps(run) == [1, 2, 3]
-    with pytest.raises(DivergenceError) as err:  # continued at lr 1e30: step 4 blows up
-        train_and_evaluate(train_config(lr=1e30, **steady), run)
+    # Continued at lr 1e6: the loss of step 5 is finite but ~1e8 (checkpoint 4 already leads
+    # into the divergence), the parameters overflow at step 6.
+    with pytest.raises(DivergenceError) as err:
+        train_and_evaluate(train_config(lr=1e6, **steady), run)
     message = str(err.value)
     found = re.search(r"last good checkpoint is (\S+) \(step (\d+), all finite\)", message)
-    assert found and "loss is not finite from step 5" in message, message
-    # keep_checkpoints 3: 2, 3, 4, and 4 set aside
-    assert int(found.group(2)) == 3 and checkpoint_steps(run) == [2, 3]
-    assert [p.name.split("_")[1] for p in (run / "diverged").iterdir()] == ["4"]
+    assert found and "the loss left its healthy range" in message, message
+    assert re.search(r"by step 5\b", message), message
+    # keep_checkpoints 3: 3, 4, 5, and 4, 5 set aside
+    assert int(found.group(2)) == 3 and checkpoint_steps(run) == [3]
+    assert sorted(p.name.split("_")[1] for p in (run / "diverged").iterdir()) == ["4", "5"]
     assert all(np.isfinite(a).all() for a in final_arrays(run).values())
     train_and_evaluate(train_config(lr=0.01, **steady), run)
-    lines = [r for r in read_metrics(run) if r["split"] == "train"]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
-    assert all(np.isfinite(r["loss"]) and r["loss"] < 10 for r in lines)
+    ref = tmp_path / "ref"
+    train_and_evaluate(train_config(lr=0.01, **steady), ref)
+    assert read_metrics(run) == read_metrics(ref)
+    ref_arrays, run_arrays = final_arrays(ref), final_arrays(run)
+    for key, value in ref_arrays.items():
+        np.testing.assert_array_equal(run_arrays[key], value, err_msg=key)
 
 
 def test_default_workdir_and_bad_batch(tmp_path, train_config):
@@ -162,13 +170,10 @@ def test_default_workdir_and_bad_batch(tmp_path, train_config):
 
 
 def test_host_train_splits_partition_the_training_set(train_config):
-    """`data.host_shard`: the per-host TFDS splits are disjoint and cover the training set."""
+    """`data.host_shard`: the per-host record rows are disjoint and cover the training set."""
     from unet_jax import data
-    from unet_jax.data.pipeline import host_train_split
+    from unet_jax.data.records import host_rows
 
-    config = train_config()
-    names = [sorted(ex["name"].decode() for ex in data.load_split(
-        config.data, host_train_split(p, 3)).as_numpy_iterator()) for p in range(3)]
-    everything = sorted(ex["name"].decode() for ex in data.load_split(
-        config.data, "train").as_numpy_iterator())
-    assert all(names) and sorted(sum(names, [])) == everything
+    train = data.source(train_config().data, "train")
+    names = [train.shard(host_rows(len(train), p, 3)).names() for p in range(3)]
+    assert all(names) and sorted(sum(names, [])) == sorted(train.names())

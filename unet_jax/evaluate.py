@@ -8,6 +8,7 @@ report inside the FOV (`unet_jax.fov_metrics`: Se, Sp, Acc, AUC, F1), counted th
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -67,25 +68,31 @@ def _own_samples(dataset: Iterable[dict[str, Any]], process: int, processes: int
             yield index, sample
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """What `evaluate` returns: the `metrics.summarize` dict (aAcc, mIoU, mDice, mAcc, per-class
+    IoU/Dice/Acc, `fov`) and the first samples as dicts {name, image, label, pred (uint8)}."""
+    summary: dict[str, Any]
+    examples: list[dict[str, Any]]
+
+
 def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], config: Any, *,
-             progress: bool = True, return_examples: int = 0,
-             ) -> dict[str, Any] | tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate `model` over `dataset` -> `metrics.summarize` dict (aAcc, mIoU, mDice, mAcc, ...).
+             progress: bool = True, num_examples: int = 0) -> EvalResult:
+    """Evaluate `model` over `dataset` -> `EvalResult(summary, examples)`.
 
     `model`: an NNX segmentor (evaluated in eval mode; the module itself is not changed) or an
     apply function as made by `inference.make_apply_fn`. `dataset` yields dicts with `image`
-    (uint8 H x W x 3 RGB, original size), `label` (uint8 H x W, 255 = ignore), optionally
-    `name`, `image_normalised` (the resized, normalised image of the eval input pipeline,
-    used instead of resizing on the host when TTA is off) and `fov` (H x W, nonzero inside the
-    field of view; every sample or none). On several processes each takes every
+    (uint8 H x W x 3 RGB, original size; trusted, as the readers check it), `label` (uint8
+    H x W, 255 = ignore), optionally `name` and `fov` (H x W, nonzero inside the field of view;
+    every sample or none). Each image goes through `segment` (`preprocess.test_image`, then
+    slide/whole or TTA inference). On several processes each takes every
     `process_count`-th sample and the counts are summed over the processes, so the metrics are
     exactly those of one process. With `fov` the summary also has `fov`: {Se, Sp, Acc,
     AUC, F1} of the vessel class (class 1 of 2) pooled over the FOV pixels that are not
     ignored, in percent (`fov_metrics.FovAccumulator.summary`); AUC ranks the vessel
     probability (softmax of the logits, or the TTA-averaged probability). At most
-    `config.eval.max_images` samples are used (0 = all). With `return_examples=k` also returns
-    the first k samples as dicts {name, image, label, pred (uint8 H x W)}, e.g. for
-    `save_comparison_png` (from this process's samples).
+    `config.eval.max_images` samples are used (0 = all). `examples` holds this process's first
+    `num_examples` samples, e.g. for `save_comparison_png`.
     """
     apply_fn = make_apply_fn(model) if isinstance(model, nnx.Module) else model
     process, processes = jax.process_index(), jax.process_count()
@@ -115,9 +122,6 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
         for index, sample in _own_samples(dataset, process, processes, max_images):
             image = np.asarray(sample["image"])
             name = _name(sample, index)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"sample {name!r}: image expected uint8 H x W x 3 RGB, found "
-                                 f"{image.dtype} {image.shape}")
             label = _map_2d(sample["label"], image.shape[:2], name, "label")
             has_fov = sample.get("fov") is not None
             if seen == 0 and has_fov:
@@ -129,8 +133,7 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
             if has_fov != (fov_acc is not None):
                 raise ValueError(f"sample {name!r}: expected a fov mask on every sample or on "
                                  f"none; the first sample had {'one' if fov_acc else 'none'}")
-            scores, _ = segment(apply_fn, image, config,
-                                image_normalised=sample.get("image_normalised"))
+            scores, _ = segment(apply_fn, image, config)
             pred, counts = _pred_counts(scores, jnp.asarray(label), num_classes=num_classes,
                                         ignore_index=ignore_index)
             fov_counts = None
@@ -142,7 +145,7 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
             pending.append((counts, fov_counts))
             if len(pending) > 1:
                 add(*pending.pop(0))
-            if seen < return_examples:
+            if seen < num_examples:
                 examples.append({"name": name, "image": image, "label": label,
                                  "pred": np.asarray(pred).astype(np.uint8)})
             seen += 1
@@ -158,7 +161,7 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
     summary = metrics.summarize(acc, list(config.data.classes))
     if fov_acc is not None:
         summary["fov"] = fov_acc.summary()
-    return (summary, examples) if return_examples else summary
+    return EvalResult(summary, examples)
 
 
 def _allgather_int64(values: np.ndarray) -> np.ndarray:

@@ -1,17 +1,19 @@
-"""Slide / whole inference and multi-scale + flip TTA, as mmseg's EncoderDecoder
-(mmseg/models/segmentors/encoder_decoder.py: slide_inference, whole_inference;
+"""Slide / whole inference, mmseg's test pipeline and multi-scale + flip TTA, as mmseg's
+EncoderDecoder (mmseg/models/segmentors/encoder_decoder.py: slide_inference, whole_inference;
 seg_tta.py: SegTTAModel.merge_preds).
 
-Layout: images are NHWC (or HWC) float32, already normalised ((x - mean) / std, RGB); logits are
+Layout: images are HWC float32, already normalised ((x - mean) / std, RGB); logits are
 (H, W, C) float32. `apply_fn` maps a normalised batch (N, h, w, 3) to decode-head logits
 (N, h, w, C); `make_apply_fn(model)` builds one around an NNX model, jit-compiled and cached per
 input shape (and per model structure), so the same compiled forward serves every image.
 
 Slide mode (mmseg `slide_inference`): a ceil-divided window grid whose last row/column is aligned
-to the bottom/right edge; every window of an image is cut out on device, stacked into evenly
-filled batches of at most `batch_windows` (the last one padded with dummy windows, so one compiled
-forward serves every call), and the raw logits are summed into a canvas and divided by the
-per-pixel window count.
+to the bottom/right edge; the windows are cut out on device in batches (the last one filled up
+with dummy windows, so one compiled forward serves every call), and the raw logits are summed
+into a canvas and divided by the per-pixel window count. The grid, the batches and the count are
+computed inside the program from the image's height and width, so the same code also runs with
+symbolic H and W: `unet_jax.cli.export` puts exactly this pipeline into a SavedModel through
+jax2tf shape polymorphism.
 
 Deliberate differences from mmseg, both only for inputs mmseg rejects (its UNet asserts that
 every forward is divisible by 16, issue #389):
@@ -20,30 +22,31 @@ every forward is divisible by 16, issue #389):
   logits are cropped back;
 * whole mode pads the whole image the same way and crops the logits back.
 
-Test pipeline (`segment`): mmseg's `Resize(scale=data.img_scale, keep_ratio=True)` on the uint8
-image (cv2 INTER_LINEAR; an identity for the zoo datasets at their native size), normalise,
-slide/whole inference, bilinear resize of the logits back to the original size
-(align_corners=False, torch-exact), argmax. With `eval.tta` the 12 views of mmseg's TTA pipeline
-(`eval.tta_scales` x no-flip/flip, each view resized from the original uint8 image) are run, each
-view's logits are flipped back, resized to the original size and soft-maxed, and the
-probabilities are averaged over the views.
+Test pipeline (`segment`): `unet_jax.preprocess.test_image` (mmseg's keep-ratio resize to
+data.img_scale and normalise), slide/whole inference, bilinear resize of the logits back to the
+original size (align_corners=False, torch-exact), argmax. With `eval.tta` the 12 views of
+mmseg's TTA pipeline (`tta_views`: eval.tta_scales x no-flip/flip, each view resized from the
+original uint8 image) are run, each view's logits flipped back, resized to the original size and
+soft-maxed, and the probabilities averaged over the views.
+
+Inputs are trusted: images are checked where they enter (`Segmenter.predict`, the image readers,
+the data builders) and the config by `check_config`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.core import max_dim, min_dim
 
-from unet_jax.losses import resize_logits_to
-from unet_jax.preprocess import normalise, rescale_size, resize_uint8, tta_view_hw
+from unet_jax.models.layers import resize_bilinear
+from unet_jax.preprocess import normalise, resize_uint8, test_image, tta_view_hw
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), end exclusive
@@ -121,43 +124,31 @@ def _divisor(apply_fn: ApplyFn, size_divisor: int | None) -> int:
     return int(getattr(apply_fn, "size_divisor", 16))
 
 
-def _as_hwc(image: Any) -> jax.Array:
-    x = jnp.asarray(image, jnp.float32)
-    if x.ndim == 4:
-        if x.shape[0] != 1:
-            raise ValueError(f"image: expected one image (1, H, W, 3) or (H, W, 3), found "
-                             f"shape {tuple(x.shape)}")
-        x = x[0]
-    if x.ndim != 3:
-        raise ValueError(f"image: expected (1, H, W, 3) or (H, W, 3), found shape {tuple(x.shape)}")
-    return x
-
-
-def _round_up(n: int, divisor: int) -> int:
-    return int(math.ceil(n / divisor) * divisor)
+def _round_up(n: Any, divisor: int) -> Any:
+    """`n` rounded up to a multiple of `divisor` (an int, or a symbolic dimension)."""
+    return (n + divisor - 1) // divisor * divisor
 
 
 # ------------------------------------------------------------------------------ slide mode
+def window_starts(length: Any, crop: int, stride: int) -> jax.Array:
+    """Start offsets (int32) of mmseg's slide windows along one axis of `length` (an int or a
+    symbolic dimension): (max(L - crop, 0) + stride - 1) // stride + 1 windows, the last one
+    shifted back to end at the edge."""
+    grids = max_dim(length - crop + stride - 1, 0) // stride + 1
+    ends = jnp.minimum(jnp.arange(grids, dtype=jnp.int32) * stride + crop, length)
+    return jnp.maximum(ends - crop, 0)
+
+
 def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int],
                   ) -> list[Window]:
-    """mmseg's window grid, row-major: ceil grid, last row/column shifted back to the edge.
+    """mmseg's window grid of an image, row-major (`window_starts` along each axis).
 
     Every window has size (min(hc, H), min(wc, W)).
     """
-    hc, wc = int(crop[0]), int(crop[1])
-    hs, ws = int(stride[0]), int(stride[1])
-    if min(hc, wc, hs, ws) < 1:
-        raise ValueError(f"crop and stride must be positive; found crop {tuple(crop)}, "
-                         f"stride {tuple(stride)}")
-    h_grids = max(height - hc + hs - 1, 0) // hs + 1
-    w_grids = max(width - wc + ws - 1, 0) // ws + 1
-    windows = []
-    for hi in range(h_grids):
-        for wi in range(w_grids):
-            y2 = min(hi * hs + hc, height)
-            x2 = min(wi * ws + wc, width)
-            windows.append((max(y2 - hc, 0), y2, max(x2 - wc, 0), x2))
-    return windows
+    wh, ww = min(int(crop[0]), height), min(int(crop[1]), width)
+    ys = np.asarray(window_starts(height, int(crop[0]), int(stride[0]))).tolist()
+    xs = np.asarray(window_starts(width, int(crop[1]), int(stride[1]))).tolist()
+    return [(y, y + wh, x, x + ww) for y in ys for x in xs]
 
 
 def window_count(height: int, width: int, windows: Sequence[Window]) -> np.ndarray:
@@ -168,15 +159,11 @@ def window_count(height: int, width: int, windows: Sequence[Window]) -> np.ndarr
     return count
 
 
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-    """Everything static about one slide-inference program: sizes, windows, batching."""
-    height: int
-    width: int
-    windows: tuple[Window, ...]
-    pad_hw: tuple[int, int]
-    batch: int                # windows per compiled step; the last step filled with dummies
-    num_classes: int
+def _coverage(length: Any, starts: jax.Array, size: Any) -> jax.Array:
+    """How many windows [start, start + size) cover each index of range(length), float32."""
+    i = jnp.arange(length, dtype=jnp.int32)[:, None]
+    inside = (i >= starts[None, :]) & (i < starts[None, :] + size)
+    return jnp.sum(inside, axis=1, dtype=jnp.int32).astype(jnp.float32)
 
 
 # On CPU a slide batch holds at most this many window pixels: HRF's 294 windows of 256 x 256
@@ -185,37 +172,39 @@ class _Geometry:
 CPU_WINDOW_PIXELS = 16 * 256 * 256
 
 
-@functools.lru_cache(maxsize=64)
-def _geometry(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int],
-              divisor: int, batch_windows: int, devices: int, num_classes: int) -> _Geometry:
-    windows = slide_windows(height, width, crop, stride)
-    wh, ww = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
-    # as few compiled steps as `batch_windows` allows, then windows spread evenly over them
-    # (294 HRF windows: 5 steps of 59, not of 64 with 26 dummies); whole windows per device
-    steps = -(-len(windows) // max(1, min(batch_windows, len(windows))))
-    batch = _round_up(-(-len(windows) // steps), devices)
-    pad_hw = (_round_up(wh, divisor), _round_up(ww, divisor))
-    return _Geometry(height, width, tuple(windows), pad_hw, batch, num_classes)
+def slide_batch(num_windows: int, batch_windows: int, devices: int) -> int:
+    """Windows per compiled step: as few steps as `batch_windows` allows, the windows spread
+    evenly over them (294 HRF windows: 5 steps of 59, not of 64 with 26 dummies), a whole
+    number of windows per device."""
+    steps = -(-num_windows // max(1, min(batch_windows, num_windows)))
+    return _round_up(-(-num_windows // steps), devices)
 
 
-def _slide(forward: Callable[[jax.Array], jax.Array], image: jax.Array, g: _Geometry,
+def _slide(forward: ApplyFn, image: jax.Array, crop: tuple[int, int], stride: tuple[int, int],
+           num_classes: int, batch: int, divisor: int,
            mesh: jax.sharding.Mesh | None) -> jax.Array:
     """The whole slide inference of one image as one program: every batch of windows cut out,
-    run (spread over `mesh`), added into the canvas; the canvas divided by the window count."""
-    y1, y2, x1, x2 = g.windows[0]
-    (wh, ww), (ph, pw) = (y2 - y1, x2 - x1), g.pad_hw
-    n = len(g.windows)
-    dummies = _round_up(n, g.batch) - n
-    ys = jnp.asarray([w[0] for w in g.windows] + [0] * dummies, jnp.int32).reshape(-1, g.batch)
-    xs = jnp.asarray([w[2] for w in g.windows] + [0] * dummies, jnp.int32).reshape(-1, g.batch)
-    valid = jnp.asarray([True] * n + [False] * dummies).reshape(-1, g.batch)
+    run (spread over `mesh`), added into the canvas; the canvas divided by the window count.
+    H and W may be symbolic."""
+    height, width = image.shape[0], image.shape[1]
+    wh, ww = min_dim(crop[0], height), min_dim(crop[1], width)
+    ph, pw = _round_up(wh, divisor), _round_up(ww, divisor)
+    ys, xs = window_starts(height, crop[0], stride[0]), window_starts(width, crop[1], stride[1])
+    rows, cols = ys.shape[0], xs.shape[0]
+    n = rows * cols
+    steps = (n + batch - 1) // batch
+    dummies = steps * batch - n  # at (0, 0), their logits not added
+    win_y = jnp.pad(jnp.broadcast_to(ys[:, None], (rows, cols)).reshape(n), (0, dummies))
+    win_x = jnp.pad(jnp.broadcast_to(xs[None, :], (rows, cols)).reshape(n), (0, dummies))
+    valid = jnp.arange(steps * batch) < n
 
     def cut(y: jax.Array, x: jax.Array) -> jax.Array:
         win = jax.lax.dynamic_slice(image, (y, x, 0), (wh, ww, image.shape[-1]))
         return jnp.pad(win, ((0, ph - wh), (0, pw - ww), (0, 0)))
 
-    def step(canvas: jax.Array, batch: tuple[jax.Array, jax.Array, jax.Array]):
-        bys, bxs, bvalid = batch
+    def step(k: jax.Array, canvas: jax.Array) -> jax.Array:
+        bys, bxs, bvalid = (jax.lax.dynamic_slice_in_dim(v, k * batch, batch)
+                            for v in (win_y, win_x, valid))
         crops = jax.vmap(cut)(bys, bxs)
         if mesh is not None and mesh.devices.size > 1:
             crops = jax.lax.with_sharding_constraint(
@@ -224,84 +213,77 @@ def _slide(forward: Callable[[jax.Array], jax.Array], image: jax.Array, g: _Geom
 
         def add(i: jax.Array, canvas: jax.Array) -> jax.Array:
             start = (bys[i], bxs[i], 0)
-            current = jax.lax.dynamic_slice(canvas, start, (wh, ww, g.num_classes))
+            current = jax.lax.dynamic_slice(canvas, start, (wh, ww, num_classes))
             update = jnp.where(bvalid[i], current + logits[i, :wh, :ww], current)
             return jax.lax.dynamic_update_slice(canvas, update, start)
 
-        return jax.lax.fori_loop(0, g.batch, add, canvas), None
+        return jax.lax.fori_loop(0, batch, add, canvas)
 
-    canvas = jnp.zeros((g.height, g.width, g.num_classes), jnp.float32)
-    canvas, _ = jax.lax.scan(step, canvas, (ys, xs, valid))
-    count = window_count(g.height, g.width, g.windows)
-    return canvas / jnp.asarray(count, jnp.float32)[:, :, None]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "geometry", "mesh"))
-def _slide_model(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, *,
-                 geometry: _Geometry, mesh: jax.sharding.Mesh | None) -> jax.Array:
-    return _slide(lambda x: _forward(graphdef, state, x), image, geometry, mesh)
+    canvas = jnp.zeros((height, width, num_classes), jnp.float32)
+    canvas = jax.lax.fori_loop(0, steps, step, canvas)
+    count = _coverage(height, ys, wh)[:, None] * _coverage(width, xs, ww)[None, :]
+    return canvas / count[:, :, None]
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "geometry"))
-def _slide_fn(forward: ApplyFn, image: jax.Array, *, geometry: _Geometry) -> jax.Array:
-    return _slide(forward, image, geometry, None)
+_STATIC = ("crop", "stride", "num_classes", "batch", "divisor", "mesh")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", *_STATIC))
+def _slide_model(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, **static: Any,
+                 ) -> jax.Array:
+    return _slide(lambda x: _forward(graphdef, state, x), image, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("forward", *_STATIC))
+def _slide_fn(forward: ApplyFn, image: jax.Array, **static: Any) -> jax.Array:
+    return _slide(forward, image, **static)
 
 
 def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: Sequence[int],
                     num_classes: int, *, batch_windows: int = 64,
-                    size_divisor: int | None = None, return_count: bool = False,
-                    ) -> jax.Array | tuple[jax.Array, np.ndarray]:
-    """mmseg slide inference of one normalised image (1, H, W, 3) or (H, W, 3) -> (H, W, C).
+                    size_divisor: int | None = None) -> jax.Array:
+    """mmseg slide inference of one normalised image (H, W, 3) -> (H, W, C) logits.
 
     Raw logits of overlapping windows are averaged (not probabilities). One compiled program
     per image size does it all; a `ModelApply`'s windows are spread over its mesh, in as few
-    batches as `batch_windows` allows (on CPU also `CPU_WINDOW_PIXELS`), evenly filled (a
-    multiple of the device count; the last batch filled up with dummy windows). With
-    `return_count`, also returns the per-pixel window count (H, W) int32.
+    batches as `batch_windows` allows (on CPU also `CPU_WINDOW_PIXELS`), evenly filled
+    (`slide_batch`). With symbolic H, W (an export) the batches hold `batch_windows` windows.
+    The per-pixel window count is `window_count(H, W, slide_windows(...))`.
     """
-    if int(batch_windows) < 1:
-        raise ValueError(f"batch_windows must be >= 1; found {batch_windows}")
-    x = _as_hwc(image)
-    height, width = int(x.shape[0]), int(x.shape[1])
+    x = jnp.asarray(image, jnp.float32)
+    height, width = x.shape[0], x.shape[1]
+    crop, stride = (int(crop[0]), int(crop[1])), (int(stride[0]), int(stride[1]))
     mesh = apply_fn.mesh if isinstance(apply_fn, ModelApply) else None
     devices = mesh.devices.size if mesh is not None else 1
     platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     if platform == "cpu":  # big batches of big windows run out of cache on a CPU
-        batch_windows = min(int(batch_windows),
-                            max(1, CPU_WINDOW_PIXELS // (int(crop[0]) * int(crop[1]))))
-    g = _geometry(height, width, (int(crop[0]), int(crop[1])), (int(stride[0]), int(stride[1])),
-                  _divisor(apply_fn, size_divisor), int(batch_windows), devices,
-                  int(num_classes))
+        batch_windows = min(int(batch_windows), max(1, CPU_WINDOW_PIXELS // (crop[0] * crop[1])))
+    batch = int(batch_windows)
+    if not (jax.export.is_symbolic_dim(height) or jax.export.is_symbolic_dim(width)):
+        batch = slide_batch(len(slide_windows(height, width, crop, stride)), batch, devices)
+    static = dict(crop=crop, stride=stride, num_classes=int(num_classes), batch=batch,
+                  divisor=_divisor(apply_fn, size_divisor))
     if isinstance(apply_fn, ModelApply):
-        if mesh is not None:
+        if mesh is not None and not isinstance(x, jax.core.Tracer):
             x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        logits = _slide_model(apply_fn.graphdef, apply_fn.state, x, geometry=g, mesh=mesh)
-    else:
-        logits = _slide_fn(apply_fn, x, geometry=g)
-    if return_count:
-        return logits, window_count(height, width, g.windows)
-    return logits
+        return _slide_model(apply_fn.graphdef, apply_fn.state, x, mesh=mesh, **static)
+    return _slide_fn(apply_fn, x, mesh=None, **static)
 
 
 # ------------------------------------------------------------------------------ whole mode
 def whole_inference(apply_fn: ApplyFn, image: Any, num_classes: int, *,
                     size_divisor: int | None = None) -> jax.Array:
-    """One forward on the whole normalised image -> (H, W, C) logits.
+    """One forward on the whole normalised image (H, W, 3) -> (H, W, C) logits.
 
     A side that is not a multiple of the divisor is zero-padded bottom/right and the logits
-    cropped back (mmseg would raise instead).
+    cropped back (mmseg would raise instead). H and W may be symbolic.
     """
-    x = _as_hwc(image)
-    height, width = int(x.shape[0]), int(x.shape[1])
+    x = jnp.asarray(image, jnp.float32)
+    height, width = x.shape[0], x.shape[1]
     divisor = _divisor(apply_fn, size_divisor)
-    ph, pw = _round_up(height, divisor), _round_up(width, divisor)
-    if (ph, pw) != (height, width):
-        x = jnp.pad(x, ((0, ph - height), (0, pw - width), (0, 0)))
-    logits = apply_fn(x[None])
-    if logits.shape != (1, ph, pw, num_classes):
-        raise ValueError(f"apply_fn: expected logits of shape {(1, ph, pw, num_classes)}, "
-                         f"found {tuple(logits.shape)}")
-    return logits[0, :height, :width]
+    x = jnp.pad(x, ((0, _round_up(height, divisor) - height),
+                    (0, _round_up(width, divisor) - width), (0, 0)))
+    return apply_fn(x[None])[0, :height, :width, :num_classes]
 
 
 def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) -> jax.Array:
@@ -314,68 +296,69 @@ def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) ->
 
 
 # ------------------------------------------------------------------------------ test pipeline
-@functools.partial(jax.jit, static_argnames=("out_hw",))
-def _tta_postprocess(logits: jax.Array, flip: jax.Array, *, out_hw: tuple[int, int],
-                     ) -> tuple[jax.Array, jax.Array]:
-    """A view's logits flipped back (if `flip`), resized to out_hw; and their softmax."""
+def _postprocess(logits: jax.Array, flip: Any, out_hw: tuple[Any, Any]) -> jax.Array:
+    """A view's logits flipped back horizontally (if `flip`) and resized to out_hw."""
     logits = jnp.where(flip, logits[:, ::-1], logits)
-    logits = resize_logits_to(logits[None], out_hw)[0]
-    return logits, jax.nn.softmax(logits, axis=-1)
+    return resize_bilinear(logits[None], out_hw)[0]
 
 
-def tta_inference(apply_fn: ApplyFn, image_rgb: np.ndarray, eval_cfg: Any, num_classes: int,
-                  mean: Sequence[float], std: Sequence[float], *, return_views: bool = False,
-                  ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
-    """mmseg multi-scale + flip TTA of one uint8 RGB image -> averaged probabilities (H, W, C).
+_postprocess_jit = jax.jit(_postprocess, static_argnames="out_hw")
 
-    Views: for r in eval_cfg.tta_scales, for flip in (False, True): the uint8 image resized
-    keep-ratio by r (cv2 bilinear), optionally flipped horizontally, normalised, then slide/whole
-    inference; its logits flipped back and resized (torch bilinear) to (H, W). With
-    `return_views` also returns each view's logits after that postprocess.
-    """
-    image_rgb = np.asarray(image_rgb)
-    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-        raise ValueError(f"image_rgb: expected uint8 H x W x 3, found {image_rgb.dtype} "
-                         f"{image_rgb.shape}")
+
+def view_scores(apply_fn: ApplyFn, image: Any, config: Any, out_hw: tuple[Any, Any], *,
+                flip: Any = False) -> jax.Array:
+    """The logits of one normalised test view (H, W, 3) by slide or whole inference per
+    config.eval, flipped back horizontally if `flip` (a bool, or a traced one), resized (torch
+    bilinear) to `out_hw` -> (out_h, out_w, C). The JAX part of every test pipeline: predict,
+    evaluation, TTA, and the exported SavedModel (with symbolic sizes)."""
+    logits = inference(apply_fn, image, config.eval, int(config.model.num_classes))
+    if any(jax.export.is_symbolic_dim(d) for d in (*logits.shape, *out_hw)):
+        return _postprocess(logits, flip, out_hw)
+    return _postprocess_jit(logits, jnp.asarray(flip), out_hw=tuple(int(d) for d in out_hw))
+
+
+def tta_views(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any) -> Iterator[jax.Array]:
+    """mmseg's TTA views of one uint8 RGB image, one at a time: for r in eval.tta_scales, for
+    flip in (False, True), the logits (H, W, C) of the image resized keep-ratio by r (cv2
+    bilinear), optionally flipped, normalised (`view_scores`: flipped back, resized to H x W)."""
     height, width = image_rgb.shape[:2]
-    total = jnp.zeros((height, width, int(num_classes)), jnp.float32)
-    views = []
-    scales = tuple(eval_cfg.tta_scales)
-    for ratio in scales:
+    data = config.data
+    for ratio in config.eval.tta_scales:
         resized = resize_uint8(image_rgb, tta_view_hw(height, width, float(ratio)))
         for flip in (False, True):
-            view = resized[:, ::-1] if flip else resized
-            logits = inference(apply_fn, normalise(view, mean, std), eval_cfg, num_classes)
-            logits, probs = _tta_postprocess(logits, np.bool_(flip), out_hw=(height, width))
-            if return_views:
-                views.append(logits)
-            total = total + probs
-    probs = total / (2 * len(scales))
-    return (probs, views) if return_views else probs
+            view = normalise(resized[:, ::-1] if flip else resized, data.mean, data.std)
+            yield view_scores(apply_fn, view, config, (height, width), flip=flip)
 
 
-def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *,
-            image_normalised: Any = None, resize: bool = True) -> tuple[jax.Array, jax.Array]:
+@jax.jit
+def _add_softmax(total: jax.Array, logits: jax.Array) -> jax.Array:
+    return total + jax.nn.softmax(logits, axis=-1)
+
+
+def tta_inference(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any) -> jax.Array:
+    """mmseg multi-scale + flip TTA of one uint8 RGB image -> the softmax of its `tta_views`
+    averaged (H, W, C)."""
+    height, width = image_rgb.shape[:2]
+    total = jnp.zeros((height, width, int(config.model.num_classes)), jnp.float32)
+    for logits in tta_views(apply_fn, image_rgb, config):
+        total = _add_softmax(total, logits)
+    return total / (2 * len(config.eval.tta_scales))
+
+
+def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *, resize: bool = True,
+            ) -> tuple[jax.Array, jax.Array]:
     """mmseg's test pipeline on one uint8 RGB image -> (scores (H, W, C) float32, pred (H, W)).
 
     scores are the logits at the original size, or with `config.eval.tta` the averaged
-    probabilities. `image_normalised` (the resized + normalised image, e.g. from the eval input
-    pipeline) skips the host-side resize and normalisation. `resize=False` skips the keep-ratio
-    resize to `config.data.img_scale` (which is an identity at the zoo datasets' native sizes).
-    With TTA both are ignored: mmseg's TTA pipeline resizes the original image per view.
+    probabilities. `resize=False` skips the keep-ratio resize to `config.data.img_scale` (an
+    identity at the zoo datasets' native sizes); TTA resizes the original image per view.
     """
-    image_rgb = np.asarray(image_rgb)
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-        raise ValueError(f"image: expected H x W x 3 RGB uint8, found shape {image_rgb.shape}")
     height, width = image_rgb.shape[:2]
-    num_classes = int(config.model.num_classes)
-    data = config.data
     if config.eval.tta:
-        scores = tta_inference(apply_fn, image_rgb, config.eval, num_classes, data.mean, data.std)
+        scores = tta_inference(apply_fn, image_rgb, config)
     else:
-        if image_normalised is None:
-            hw = rescale_size(height, width, data.img_scale) if resize else (height, width)
-            image_normalised = normalise(resize_uint8(image_rgb, hw), data.mean, data.std)
-        logits = inference(apply_fn, image_normalised, config.eval, num_classes)
-        scores = resize_logits_to(logits[None], (height, width))[0]
+        data = config.data
+        image = (test_image(image_rgb, data) if resize
+                 else normalise(image_rgb, data.mean, data.std))
+        scores = view_scores(apply_fn, image, config, (height, width))
     return scores, jnp.argmax(scores, axis=-1).astype(jnp.int32)

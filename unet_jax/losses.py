@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# the package's one torch-bilinear resize, under the name the losses use for it
+from unet_jax.models.layers import resize_bilinear as resize_logits_to
+
 
 # torch.finfo(torch.float32).eps: mmseg adds it to every averaging denominator.
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -31,39 +34,6 @@ def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:
         raise ValueError(
             f"labels must have shape (N, H, W) = {tuple(logits.shape[:3])} to match the logits; "
             f"found {tuple(labels.shape)}")
-
-
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of torch's bilinear (align_corners=False) along one axis."""
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.maximum(src, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0  # float64; rounded to the logits' dtype where it is used
-    return i0, i1, lam
-
-
-def resize_logits_to(logits: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    """Resize NHWC logits to (H, W) = `hw` like torch `F.interpolate(bilinear, align_corners=False)`.
-
-    Returns the input unchanged when it already has that size. Implemented with gathers and
-    per-axis weights computed in float64 (no matmul, no antialiasing), so it matches torch for
-    any scale, up or down, to float32 rounding.
-    """
-    if logits.ndim != 4:
-        raise ValueError(f"logits must be NHWC (N, H, W, C); found shape {tuple(logits.shape)}")
-    h, w = int(hw[0]), int(hw[1])
-    if h < 1 or w < 1:
-        raise ValueError(f"target size must be positive; found {(h, w)}")
-    if (logits.shape[1], logits.shape[2]) == (h, w):
-        return logits
-    h0, h1, lh = _linear_taps(logits.shape[1], h)
-    w0, w1, lw = _linear_taps(logits.shape[2], w)
-    x = logits
-    lh = jnp.asarray(lh, x.dtype)[None, :, None, None]
-    x = x[:, h0] * (1 - lh) + x[:, h1] * lh
-    lw = jnp.asarray(lw, x.dtype)[None, None, :, None]
-    return x[:, :, w0] * (1 - lw) + x[:, :, w1] * lw
 
 
 def cross_entropy_per_pixel(logits: jax.Array, labels: jax.Array, *,

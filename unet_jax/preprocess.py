@@ -1,6 +1,9 @@
-"""mmseg's test-time image preparation, in one place: the keep-ratio size, the uint8 resizes and
-`normalise`. Evaluation, predict, `Segmenter`, the benchmark, the browser and the training
-augmentation all call these, so the rules exist once.
+"""mmseg's test-time image preparation, in one place: the keep-ratio size, the uint8 resizes,
+`normalise` (and `denormalise` for display) and `test_image`, the whole preparation of a test
+image. Evaluation, predict, `Segmenter` and the benchmark (through `unet_jax.inference.segment`),
+the exported SavedModel (`normalise` inside the JAX pipeline; the keep-ratio size mirrored in
+TensorFlow by `unet_jax.serving`), the browser and the training augmentation call these, so the
+rules exist once.
 
 Channel order: `normalise` takes RGB (mmseg's SegDataPreProcessor converts cv2's BGR to RGB
 before subtracting its RGB-order mean); callers holding BGR flip the channels first. This module
@@ -42,10 +45,21 @@ def resize_uint8(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_LINEAR)
 
 
-def normalise(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 RGB (..., 3) -> float32 (x - mean) / std (mmseg SegDataPreProcessor, RGB order)."""
-    return ((np.asarray(image_rgb).astype(np.float32) - np.asarray(mean, np.float32))
+def normalise(image_rgb: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """uint8 RGB (..., 3) -> float32 (x - mean) / std (mmseg SegDataPreProcessor, RGB order).
+
+    A numpy image gives a numpy array, a JAX one (e.g. traced inside the exported SavedModel,
+    `unet_jax.cli.export`) a JAX array: the same arithmetic on the host and on the device.
+    """
+    return ((image_rgb.astype(np.float32) - np.asarray(mean, np.float32))
             / np.asarray(std, np.float32))
+
+
+def denormalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """`normalise` undone for display: float RGB (..., 3) -> uint8 rint(x * std + mean), clipped
+    to 0..255 (the browser shows augmented training samples with it)."""
+    x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def test_image(image_rgb: np.ndarray, data_cfg: Any) -> np.ndarray:

@@ -14,7 +14,7 @@ Read files with `unet_jax.io.images.read_rgb` to get the pixels mmseg would deco
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +69,20 @@ class Segmenter:
 
     @classmethod
     def load(cls, config: str | ml_collections.ConfigDict, checkpoint: str | Path, *,
-             overrides: Mapping[str, Any] | None = None) -> "Segmenter":
+             overrides: Mapping[str, Any] | None = None,
+             overridden: Collection[str] = ()) -> "Segmenter":
         """Build the model of `config` and fill it from `checkpoint`.
 
         `config` is `FILE[:ARG]` as on the command line ("configs/drive.py:fcn") or a
         ConfigDict; `overrides` map dotted fields to values. `checkpoint` is an mmseg `.pth`, a
         weights folder (`unet_jax.convert`), a training workdir or one of its step folders.
+        The model is the one the checkpoint records (a run folder's `config.json`, a weights
+        folder's `meta/`), except that a `model.*` field named in `overrides` or `overridden`
+        (fields already set in a ConfigDict, e.g. by the command line) must agree with it.
         Config and checkpoint mistakes raise `ConfigError` / `CheckpointError`.
         """
         config = resolve_config(config, overrides)
+        weights.use_recorded_model(config, checkpoint, {*(overrides or {}), *overridden})
         model = build_model(config.model)
         loaded = weights.load(model, checkpoint)
         return cls(config, model, loaded)

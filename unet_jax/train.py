@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,11 @@ CONFIG_FILE = "config.json"
 
 
 class Preempted(Exception):
-    """SIGTERM (or a preemption notice) was received; a checkpoint was saved at `step`."""
+    """SIGTERM, SIGINT (Ctrl-C) or a preemption notice was received; a checkpoint was saved at
+    `step`."""
 
     def __init__(self, step: int, workdir: Path):
-        super().__init__(f"stopped by SIGTERM/preemption after step {step}; checkpoint saved in "
+        super().__init__(f"stopped by a signal after step {step}; checkpoint saved in "
                          f"{workdir / checkpoint.CHECKPOINTS_DIR}; run the same command to resume")
         self.step = step
 
@@ -97,6 +98,17 @@ def _check_same_model(workdir: Path, config: Any) -> None:
                            "resume with the workdir's config or choose a new --workdir")
 
 
+def _schedule_note(workdir: Path, config: Any, step: int) -> str | None:
+    """What changes when a run resumes under another schedule than its `config.json` recorded
+    (None if nothing does): the run continues from `step` on the new schedule, and says so."""
+    from unet_jax.optim import schedule_changes
+    try:
+        saved = json.loads((workdir / CONFIG_FILE).read_text()).get("train", {})
+    except (OSError, json.JSONDecodeError):
+        return None
+    return schedule_changes(saved, config.train, step)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples: int = 0,
@@ -104,12 +116,8 @@ def run_evaluation(model: nnx.Module, val_ds: Any, config: Any, *, num_examples:
     """Evaluate `model` on the validation split -> (summary, first `num_examples` examples)."""
     from unet_jax.evaluate import evaluate
 
-    result = evaluate(model, val_ds, config, progress=progress, return_examples=num_examples)
-    if num_examples:
-        summary, examples = result
-    else:
-        summary, examples = result, []
-    return summary, examples
+    result = evaluate(model, val_ds, config, progress=progress, num_examples=num_examples)
+    return result.summary, result.examples
 
 
 def _eval_model(train: TrainState) -> nnx.Module:
@@ -152,22 +160,47 @@ def _finished_summary(log: MetricsLog, config: Any, train: TrainState, val_ds: A
 
 # --------------------------------------------------------------------------- training
 
+def _left_healthy_range(history: list[dict[str, Any]]) -> tuple[int, float] | None:
+    """(first step that may hold it, bound) of the first logged training loss above twice the
+    run's first logged loss, or None. A run starts near its highest loss, so a loss beyond twice
+    that has left the range training moves in, well before it overflows; the window of that log
+    line may have started right after the previous one."""
+    losses = [(int(r["step"]), float(r["loss"])) for r in history
+              if r.get("split") == "train" and "loss" in r]
+    if not losses:
+        return None
+    bound = 2 * losses[0][1]
+    previous = 0
+    for step, loss in losses:
+        if not loss <= bound:  # NaN included
+            return previous + 1, bound
+        previous = step
+    return None
+
+
 def _divergence(step: int, logs: dict[str, Any], bad: dict[str, int],
-                ckpts: checkpoint.TrainCheckpoints) -> DivergenceError:
+                ckpts: checkpoint.TrainCheckpoints,
+                history: list[dict[str, Any]]) -> DivergenceError:
     """The error for non-finite training values, naming the last good checkpoint.
 
     Nothing non-finite is ever saved, but a finite checkpoint can still lead into the
-    divergence: the one of step f - 1 when the loss of step f is the first non-finite one. Such
+    divergence: the one of step f - 1 when the loss of step f is the first one out of its
+    healthy range (`history`, the run's metrics lines) or the first non-finite one. Such
     checkpoints are moved to `<workdir>/diverged/` (kept), so that the same command with a lower
     learning rate resumes from the last good one.
     """
     ckpts.wait()
     what = []
     last_good = step
+    left = _left_healthy_range(history)
+    if left is not None:
+        what.append(f"the loss left its healthy range (above {left[1]:.4g}, twice its first "
+                    f"logged value) by step {left[0]}")
+        last_good = left[0] - 2  # its parameters came from step left[0] - 1
     if logs["first_nonfinite"] >= 0:
         first = logs["first_nonfinite"] + 1  # the step whose loss is the first non-finite one
         what.append(f"the loss is not finite from step {first}")
-        last_good = first - 2  # its parameters came from step first - 1
+        last_good = min(last_good, first - 2)
     if bad:
         names = ", ".join(f"{k} ({n})" for k, n in sorted(bad.items())[:4])
         what.append(f"{sum(bad.values())} non-finite values in parameters or BatchNorm "
@@ -229,7 +262,6 @@ def _remove_empty_folders(folder: Path) -> None:
             path.rmdir()
 
 
-
 def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
     # ---- set-up: everything that can fail on the user's input fails here, before any work
     main = parallel.is_main_process()
@@ -241,6 +273,8 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
     has_checkpoints = ckpts.latest_step() is not None
     if has_checkpoints:
         _check_same_model(workdir, config)
+    else:
+        ckpts.check_history()
     if main:
         print(f"{workdir}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
               f"{jax.process_count()} process(es), global batch {t.batch_size} "
@@ -259,6 +293,9 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
     resume_step = ckpts.restore(train) if has_checkpoints else None
     if resume_step is not None and main:
         print(f"resuming {workdir} from step {resume_step}")
+        note = _schedule_note(workdir, config, resume_step)
+        if note:
+            print(note)
     if main:
         (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
     parallel.sync("unet_jax:workdir")
@@ -298,7 +335,7 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
             bad = weights.nonfinite({"model": train.state[MODEL],
                                      "optimizer": train.state[OPTIMIZER]})
             if logs["first_nonfinite"] >= 0 or bad:
-                raise _divergence(step, logs, bad, ckpts)
+                raise _divergence(step, logs, bad, ckpts, log.read())
             if do_log:
                 now = time.perf_counter()
                 rate = (step - tic_step) * t.batch_size / max(now - tic, 1e-9)
@@ -340,7 +377,8 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- eval mode
 
-def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, Any]:
+def evaluate_checkpoint(config: Any, workdir: str | Path | None, *,
+                        overridden: Collection[str] = ()) -> dict[str, Any]:
     """Evaluate the latest checkpoint of `workdir` (or `config.init_from`) on the validation split.
 
     Appends a line (split "validation", mode "eval") to `<workdir>/metrics.jsonl` when a workdir
@@ -357,6 +395,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None) -> dict[str, An
             f"eval mode: expected checkpoints in {Path(workdir or '.') / checkpoint.CHECKPOINTS_DIR}"
             " or --config.init_from=CKPT (a weights folder, a workdir or an mmseg .pth); "
             "found neither")
+    weights.use_recorded_model(config, source, overridden)  # the model the checkpoint holds
     model = _build(config)
     info = weights.load(model, source)
     if parallel.is_main_process():

@@ -11,7 +11,8 @@ a crop) left as the image):
   config draws (global batch `train.batch_size`, seed `train.seed`: sample R of step S), made by
   the real input pipeline (`unet_jax.data.sampler.train_batches`): random resize, crop, flip and
   photometric distortion, at the crop size `data.crop_size`. The pipeline's images are normalised
-  float RGB; they are de-normalised with `data.mean` / `data.std` for display (the padding of a
+  float RGB; they are de-normalised with `data.mean` / `data.std` for display
+  (`unet_jax.preprocess.denormalise`, the inverse of the pipelines' `normalise`) (the padding of a
   crop then shows the mean colour).
 * `DIR/validation/<K>_<name>.png`: the first --num validation images at their original size with
   their labels (`unet_jax.data.records.samples`, the image the metrics are computed on).
@@ -33,16 +34,11 @@ from tqdm import tqdm
 from unet_jax.cli import common
 from unet_jax.errors import InputError
 from unet_jax.evaluate import overlay_image
+from unet_jax.preprocess import denormalise
 
 GAP = 4  # white pixels between the image and its overlay
 ALPHA = 0.5
 TRAIN_DIR, VALIDATION_DIR = "train", "validation"
-
-
-def denormalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Normalised float RGB (H, W, 3) -> uint8 RGB: rint(x * std + mean), clipped to 0..255."""
-    x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def side_by_side(image: np.ndarray, label: np.ndarray, palette: Sequence[Sequence[int]]

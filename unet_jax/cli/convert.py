@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 from unet_jax.cli import common
@@ -40,9 +41,12 @@ def import_mmseg(config: Any, checkpoint: str | Path, output: str | Path) -> Pat
     return weights.save(output, model, meta)
 
 
-def export_mmseg(config: Any, checkpoint: str | Path, output: str | Path) -> Path:
-    """Write a weights folder (or training workdir) as a .pth that mmseg's init_model loads."""
+def export_mmseg(config: Any, checkpoint: str | Path, output: str | Path, *,
+                 overridden: Collection[str] = ()) -> Path:
+    """Write a weights folder (or training workdir) as a .pth that mmseg's init_model loads; the
+    model is the one the checkpoint records (`weights.use_recorded_model`)."""
     weights.require_torch()
+    weights.use_recorded_model(config, checkpoint, overridden)
     model = build_model(config.model)
     info = weights.load(model, checkpoint)
     meta = {**_dataset_meta(info, config), "iter": info.get("iter") or info.get("step")}
@@ -57,7 +61,9 @@ def main(config: Any, argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     if f.to_mmseg:
-        out = export_mmseg(config, f.checkpoint, f.output)
+        from ml_collections import config_flags
+        out = export_mmseg(config, f.checkpoint, f.output,
+                           overridden=config_flags.get_override_values(f["config"]))
     else:
         out = import_mmseg(config, f.checkpoint, f.output)
     print(f"wrote {out}")

@@ -20,17 +20,20 @@ Serve it with TensorFlow alone (no JAX, no unet_jax):
     model = tf.saved_model.load(DIR)
     out = model.signatures["serving_default"](image=tf.constant(rgb_uint8))
 
-Design. Only the model forward is JAX: it is converted with `jax2tf` (native serialization: the
-StableHLO of the very function `unet_jax.predict` runs, in an XlaCallModule op), shape-polymorphic
-in the batch and in height and width (multiples of the model's size divisor, 16), with the weights
-as TensorFlow variables. Everything around it is TensorFlow ops (`unet_jax.serving`), because it
-depends on the image size in ways JAX shape polymorphism cannot express (the keep-ratio size is
-not a polynomial of H and W, and the number of slide windows follows from it): the keep-ratio
-resize to `data.img_scale` (cv2 INTER_LINEAR on uint8, reproduced bit for bit), normalisation,
-slide or whole inference per `config.eval`, the torch-bilinear resize of the logits back to
-(H, W), and, with `eval.tta`, mmseg's multi-scale + flip views. The slide loop is a
-`tf.while_loop` over batches of `eval.batch_windows` windows (one window shape per image, so
-the forward compiles once per window shape). The forward is lowered for each of --platforms;
+Design. The SavedModel runs the JAX code that predict runs, converted with `jax2tf` (native
+serialization: StableHLO in an XlaCallModule op, the weights as TensorFlow variables):
+`unet_jax.inference.view_scores` after `normalise`, i.e. slide or whole inference per
+`config.eval` (window grid, batches and per-pixel count computed in the program), the logits
+flipped back (TTA) and resized, torch-bilinear, to the image's size, all shape-polymorphic in
+the view's and the image's H and W (`jax.core.min_dim`/`max_dim` carry the window size min(crop,
+H) and the window count; floor division by constants is polynomial). Only the keep-ratio resize
+is TensorFlow (`unet_jax.serving`): its size, min(long / max(H, W), short / min(H, W)) rounded,
+is not a dimension polynomial; besides it TensorFlow takes only the argmax and, with
+`eval.tta`, the loop that runs the converted function once per view and averages the softmax. Each new image size compiles the converted program once
+(XLA's shape refinement). Measured on a 2-core CPU with the tiny DRIVE test model against the
+previous export (TensorFlow ops for everything but the forward): first call of a size 2-3 s
+(was 2-6 s), then 0.75 s per 584x565 image (was 2.2 s); scores within 3e-5 relative of
+predict's at 1x5000, 7x3, 601x599, 2000x40. The program is lowered for each of --platforms;
 the SavedModel runs on those only (default: cpu and cuda).
 
 Beside the SavedModel, `DIR/assets.extra/unet_jax.json` records the classes, the palette, the
@@ -42,7 +45,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,46 +57,50 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 META_FILE = Path("assets.extra") / "unet_jax.json"
 
 
-def tf_forward(model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> tuple[Any, list]:
-    """The model's inference forward as a TensorFlow callable, and the variables it reads.
+def tf_scores(config: Any, model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+              ) -> tuple[Any, list]:
+    """predict's JAX test pipeline as a TensorFlow callable, and the variables it reads.
 
-    (N, h, w, 3) float32 normalised -> (N, h, w, C) float32 logits, N, h and w polymorphic
-    (h and w multiples of the model's size divisor): the jitted forward of
-    `unet_jax.inference.make_apply_fn`, converted with jax2tf; its weights become
-    non-trainable `tf.Variable`s named by their state path.
+    `scores(view, image, flip)`: uint8 view (h, w, 3) -> `inference.view_scores` of the
+    normalised view at `image`'s size (H, W, C) float32, flipped back if `flip`; h, w, H, W
+    symbolic. The weights become non-trainable `tf.Variable`s named by their state path.
     """
     import jax
     import numpy as np
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    from unet_jax.inference import make_apply_fn
+    from unet_jax.inference import make_apply_fn, view_scores
     from unet_jax.io.weights import flat_paths
+    from unet_jax.preprocess import normalise
 
-    apply = make_apply_fn(model)
-    divisor = int(apply.size_divisor)
+    apply = dataclasses.replace(make_apply_fn(model), mesh=None)
     leaves, treedef = jax.tree.flatten(apply.state)
     names = list(flat_paths(apply.state))
     if len(names) != len(leaves):
         raise ValueError(f"model state: {len(leaves)} arrays but {len(names)} paths")
     variables = [tf.Variable(np.asarray(leaf), trainable=False, name=name.replace("/", "."))
                  for name, leaf in zip(names, leaves)]
+    data = config.data
 
-    def forward_jax(state: Any, x: Any) -> Any:
-        return dataclasses.replace(apply, state=state)(x)
+    def scores_jax(state: Any, view: Any, image: Any, flip: Any) -> Any:
+        view = normalise(view, data.mean, data.std)
+        return view_scores(dataclasses.replace(apply, state=state), view, config,
+                           image.shape[:2], flip=flip)
 
     converted = jax2tf.convert(
-        forward_jax, polymorphic_shapes=[None, f"(b, {divisor}*h, {divisor}*w, 3)"],
+        scores_jax, polymorphic_shapes=[None, "(h, w, 3)", "(H, W, 3)", "()"],
         with_gradient=False, native_serialization_platforms=tuple(platforms))
 
     # One traced function, however often the serving graph calls it (TTA: twice per scale),
-    # so the model is lowered and stored once.
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
-                 autograph=False)
-    def forward(x: Any) -> Any:
-        return converted(jax.tree.unflatten(treedef, variables), x)
+    # so the pipeline is lowered and stored once.
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8),
+                                  tf.TensorSpec([None, None, 3], tf.uint8),
+                                  tf.TensorSpec([], tf.bool)], autograph=False)
+    def scores(view: Any, image: Any, flip: Any) -> Any:
+        return converted(jax.tree.unflatten(treedef, variables), view, image, flip)
 
-    return forward, variables
+    return scores, variables
 
 
 def make_module(config: Any, model: Any, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Any:
@@ -103,15 +110,14 @@ def make_module(config: Any, model: Any, platforms: Sequence[str] = DEFAULT_PLAT
 
     from unet_jax import serving
 
-    forward, variables = tf_forward(model, platforms)
-    divisor = int(getattr(model.backbone, "downsample_rate", 16) or 1)
+    scores_fn, variables = tf_scores(config, model, platforms)
     module = tf.Module()
     module.model_weights = variables
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")],
                  autograph=False)
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        scores, labels = serving.segment(forward, image, config, size_divisor=divisor)
+        scores, labels = serving.segment(scores_fn, image, config)
         return {"labels": labels, "scores": scores}
 
     module.serve = serve
@@ -163,13 +169,16 @@ def save_module(module: Any, output: str | Path, meta: dict[str, Any]) -> Path:
 
 
 def export_checkpoint(config: Any, checkpoint: str | Path, output: str | Path, *,
-                      platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Path:
-    """Build the config's model, load --checkpoint, write the SavedModel to --output."""
+                      platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                      overridden: Collection[str] = ()) -> Path:
+    """Build the model --checkpoint records (`weights.use_recorded_model`), load it, write the
+    SavedModel to --output."""
     from unet_jax.io import weights
     from unet_jax.models import build_model
 
     out = check_output(output)
     platforms = check_platforms(platforms)
+    weights.use_recorded_model(config, checkpoint, overridden)
     model = build_model(config.model)
     info = weights.load(model, checkpoint)
     meta = {"classes": list(info.get("classes") or config.data.classes),
@@ -191,7 +200,9 @@ def main(config: Any, argv: Sequence[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    out = export_checkpoint(config, f.checkpoint, f.output, platforms=f.platforms)
+    from ml_collections import config_flags
+    out = export_checkpoint(config, f.checkpoint, f.output, platforms=f.platforms,
+                            overridden=config_flags.get_override_values(f["config"]))
     print(f"wrote SavedModel (serving_default: image uint8 [H, W, 3] -> labels, scores) to {out}")
 
 

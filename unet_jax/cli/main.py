@@ -62,7 +62,9 @@ def main(config: Any, argv: list[str]) -> int:
 
     workdir = f.workdir
     if f.mode == "eval":
-        train.evaluate_checkpoint(config, workdir)
+        from ml_collections import config_flags
+        train.evaluate_checkpoint(config, workdir,
+                                  overridden=config_flags.get_override_values(f["config"]))
         return 0
     if not workdir:
         workdir = str(train.default_workdir(config))

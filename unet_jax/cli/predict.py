@@ -35,8 +35,8 @@ naming it, and skipped; the others are processed and the exit code is 1 with a s
 
 Preprocessing is mmseg's test pipeline: keep-ratio resize of the image to `data.img_scale`
 (cv2 bilinear; an identity at the dataset's native size, e.g. 584x565 for DRIVE; sides that
-would round to 0 stay 1 pixel, `unet_jax.sizes`), then slide or whole inference per
-`config.eval`, logits resized back to the original size. `--noresize` runs at the image's own
+would round to 0 stay 1 pixel; `unet_jax.preprocess.test_image`), then slide or whole
+inference per `config.eval`, logits resized back to the original size. `--noresize` runs at the image's own
 size instead. Sides that are not multiples of 16 are zero-padded and cropped back (see
 `unet_jax.inference`); mmseg would raise on those.
 """
@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,24 +198,38 @@ def _check_replaceable(out: Path, source: Path, role: str) -> None:
 
 def written_by_predict(path: str | Path, role: str | None = None) -> bool:
     """Whether `path` is a predict output: a PNG with predict's marker (and, if given, `role`,
-    e.g. "overlay of a"), or a float32 H x W x C `.npy` (a .npy carries no marker; only its
-    header is read)."""
+    e.g. "overlay of a"), or a `.npy` whose header carries the marker (`save_logits`); only the
+    header is read."""
     path = Path(path)
     try:
         if path.suffix == ".npy":
-            fmt = np.lib.format
             with open(path, "rb") as fh:
-                read_header = {(1, 0): fmt.read_array_header_1_0,
-                               (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(fh))
-                if read_header is None:
-                    return False
-                shape, _, dtype = read_header(fh)
-            return dtype == np.float32 and len(shape) == 3
+                head = fh.read(_NPY_HEADER)
+            return head.startswith(np.lib.format.MAGIC_PREFIX) and _NPY_MARK in head
         with Image.open(path) as img:
             return (img.format == "PNG" and img.info.get(MARKER_KEY) == MARKER
                     and (role is None or img.info.get(ROLE_KEY) == role))
     except Exception:  # noqa: BLE001 -- unreadable or not an image: not ours
         return False
+
+
+# A .npy has no metadata field, so `save_logits` ends the header's dict literal with a Python
+# comment naming predict (the header is parsed with `ast.literal_eval`, which ignores it; np.load
+# reads the file as any other).
+_NPY_MARK, _NPY_HEADER = f"}} # {MARKER}".encode(), 256
+
+
+def save_logits(path: str | Path, scores: np.ndarray) -> None:
+    """Write float32 H x W x C `scores` as a version 1.0 `.npy` marked as predict's."""
+    scores = np.ascontiguousarray(scores, dtype="<f4")
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': %r" % (scores.shape,)
+    header += _NPY_MARK.decode()
+    prefix = len(np.lib.format.MAGIC_PREFIX) + 2 + 2  # magic, version, header length
+    header += " " * (-(prefix + len(header) + 1) % np.lib.format.ARRAY_ALIGN) + "\n"
+    with open(path, "wb") as fh:
+        fh.write(np.lib.format.magic(1, 0) + len(header).to_bytes(2, "little"))
+        fh.write(header.encode("latin1"))
+        fh.write(scores.tobytes())
 
 
 def _png_info(role: str) -> PngImagePlugin.PngInfo:
@@ -258,13 +272,25 @@ def write_predictions(segmenter: Segmenter, plans: Sequence[Outputs], *, resize:
             continue
         labels, scores = segmenter.predict(image, resize=resize)
         (_, label_role), (_, overlay_role) = plan.roles()[:2]
-        save_label_png(plan.label, labels, palette, role=label_role)
-        Image.fromarray(overlay_image(image, labels, palette, alpha=0.5)).save(
-            plan.overlay, pnginfo=_png_info(overlay_role))
+        overlay = Image.fromarray(overlay_image(image, labels, palette, alpha=0.5))
+        writes = [(plan.label, lambda p: save_label_png(p, labels, palette, role=label_role)),
+                  (plan.overlay, lambda p: overlay.save(p, pnginfo=_png_info(overlay_role)))]
         if plan.logits is not None:
-            np.save(plan.logits, scores)
+            writes.append((plan.logits, lambda p: save_logits(p, scores)))
+        for path, write in writes:
+            _write(path, write)
         report.written.append(plan)
     return report
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(path)`; an OS error (a full disk, ...) removes the partial file and is one
+    `InputError` naming the path (a write error of its own names no file)."""
+    try:
+        write(path)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write: {err.strerror or one_line(err)}") from err
 
 
 def predict_files(segmenter: Segmenter, inputs: Sequence[str | Path], output: str | Path, *,
@@ -285,7 +311,9 @@ def main(config: Any, argv: Sequence[str]) -> int:
     if not inputs:
         raise InputError("give at least one --input image or folder")
     plans = plan_outputs(inputs, f.output, save_logits=f.save_logits)  # before loading anything
-    segmenter = Segmenter.load(config, f.checkpoint)
+    from ml_collections import config_flags
+    segmenter = Segmenter.load(config, f.checkpoint,
+                               overridden=config_flags.get_override_values(f["config"]))
     report = write_predictions(segmenter, plans, resize=f.resize)
     what = "label maps + overlays" + (" + logits" if f.save_logits else "")
     print(f"wrote {what} of {len(report.written)} image(s) to {Path(f.output).absolute()}")

@@ -11,7 +11,9 @@ no FOV metrics). Nothing else in the library knows a dataset by name.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,12 @@ def _build(builder: tfds.core.DatasetBuilder, data: Any) -> None:
             if not (path / name).is_file():
                 raise data_error(path / name, "archive missing", spec.layout, "no such file")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-    builder.download_and_prepare(download_config=config)
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout, untrue here
+    # (nothing is downloaded); one line of ours says what happens. Its progress bars stay.
+    print(f"preparing {data.name} once into {builder.data_dir} from "
+          f"{manual_dir or 'generated images'}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_config=config)
 
 
 def _examples(builder: tfds.core.DatasetBuilder, data: Any, split: str):

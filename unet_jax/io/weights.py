@@ -263,17 +263,6 @@ def _check_readable(folder: Path) -> None:
     verify(folder, MODEL_ITEM, stored)
 
 
-def mismatch(src: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
-    """One short line: the hint first, the counts, then at most three examples."""
-    examples = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
-                + shapes)[:3]
-    more = len(missing) + len(unexpected) + len(shapes) - len(examples)
-    return (f"{src} does not fit the model built from the config (check --config, "
-            "model.base_channels, model.head and model.num_classes): "
-            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped, "
-            f"e.g. {'; '.join(examples)}" + (f" (+{more} more)" if more else ""))
-
-
 def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
     """The `model/` item of `folder` in the structure, dtypes and shardings of `like`, verified.
 
@@ -296,7 +285,9 @@ def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
               if tuple(ours[k].shape) != tuple(stored[k].shape)]
     if missing or unexpected or shapes:
         _check_readable(folder)  # a damaged folder is reported as damaged, not as a mismatch
-        raise CheckpointError(mismatch(src, missing, unexpected, shapes))
+        raise CheckpointError(mmseg.mismatch_message(
+            src, missing, unexpected, shapes,
+            hint="check --config, model.base_channels, model.head and model.num_classes"))
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
         restored = ocp.StandardCheckpointer().restore(src, target)

@@ -279,16 +279,44 @@ class Upsample(nnx.Module):
         return resize_bilinear(x, (x.shape[1] * 2, x.shape[2] * 2))
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Resize NHWC `x` to `size` (h, w) like torch bilinear, align_corners=False, no antialias.
+def _bilinear_matrix(n_in: int, n_out: int, dtype: jnp.dtype) -> jax.Array:
+    """(n_out, n_in) weights of torch's bilinear (align_corners=False) along one axis.
 
-    `size` may hold symbolic dimensions (a shape-polymorphic export, `unet_jax.export`).
+    The source coordinate src = (d + 0.5) n_in / n_out - 0.5 (clamped at 0) is kept as the
+    exact fraction num / (2 n_out) in int32, so the taps floor(src), floor(src) + 1 (clipped to
+    the last index) and the weight lam = src - floor(src) are exact but for lam's one rounding,
+    whatever the sizes, and the same whether they are concrete or symbolic (a shape-polymorphic
+    export, `unet_jax.export`). int32 holds 2 n_in n_out for n_in n_out < 2^30 (e.g. 584
+    logits rows to 1.8 M image rows).
+    """
+    d = jnp.arange(n_out, dtype=jnp.int32)
+    den = 2 * n_out
+    num = jnp.maximum((2 * d + 1) * n_in - n_out, 0)
+    i0 = num // den
+    lam = ((num - i0 * den).astype(dtype) / jnp.asarray(den, dtype))[:, None]
+    i1 = jnp.minimum(i0 + 1, n_in - 1)
+    src = jnp.arange(n_in, dtype=jnp.int32)[None, :]
+    return (jnp.where(src == i0[:, None], 1 - lam, 0) + jnp.where(src == i1[:, None], lam, 0))
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Resize NHWC `x` to `size` (h, w) like torch's `F.interpolate(mode="bilinear",
+    align_corners=False)`, up or down, no antialiasing: the one such resize of the package
+    (the model's upsampling and pyramid pools, the loss, the test pipeline's logits).
+
+    Rows then columns, each a product with the two-tap weight matrix of `_bilinear_matrix`
+    at full precision (in float32, or float64 for float64 `x`; the result in `x`'s dtype), so
+    it equals torch to float32 rounding for any scale. `size` may hold symbolic dimensions.
     """
     h, w = size[0], size[1]
     if (x.shape[1], x.shape[2]) == (h, w):
         return x
-    return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "bilinear",
-                            antialias=False).astype(x.dtype)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.einsum("oh,nhwc->nowc", _bilinear_matrix(x.shape[1], h, dtype), x.astype(dtype),
+                   precision=hi)
+    y = jnp.einsum("pw,nowc->nopc", _bilinear_matrix(x.shape[2], w, dtype), y, precision=hi)
+    return y.astype(x.dtype)
 
 
 def adaptive_pool_matrix(length: int, bins: int, dtype=jnp.float32) -> jax.Array:

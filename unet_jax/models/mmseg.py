@@ -80,6 +80,18 @@ def describe_checkpoint(sd: Mapping[str, np.ndarray]) -> str:
             f"if the widths differ from the zoo's 64 and {64 if head == 'fcn' else 16})")
 
 
+def mismatch_message(src: Any, missing: list[str], unexpected: list[str], shapes: list[str],
+                     hint: str) -> str:
+    """One short line for weights that do not fit the model: the hint first, the counts, then
+    at most three examples (a full list of a mismatched model runs to a hundred keys)."""
+    examples = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+                + shapes)[:3]
+    more = len(missing) + len(unexpected) + len(shapes) - len(examples)
+    return (f"{src} does not fit the model built from the config ({hint}): "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped "
+            f"keys, e.g. {'; '.join(examples)}" + (f" (+{more} more)" if more else ""))
+
+
 def load_state_dict(model: nnx.Module, sd: Mapping[str, Any], source: str = "<state_dict>",
                     ) -> None:
     """Copy an mmseg state_dict into `model`, strictly: every mismatch is reported at once."""
@@ -94,14 +106,9 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, Any], source: str = "<st
         if want != got:
             shapes.append(f"{key}: expected {want}, found {got}")
     if missing or unexpected or shapes:
-        lines = [f"{source} does not fit the model built from the config "
-                 f"({len(missing)} missing, {len(unexpected)} unexpected, "
-                 f"{len(shapes)} mis-shaped keys):"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mis-shaped: {s}" for s in shapes]
-        lines.append(f"Hint: {describe_checkpoint(theirs)}.")
-        raise StateDictMismatchError("\n".join(lines))
+        raise StateDictMismatchError(mismatch_message(
+            source, missing, unexpected, shapes,
+            hint=describe_checkpoint(theirs)))
     for key, (_, var) in ours.items():
         # float32 values, stored in the variable's own dtype (float64 in a float64 model).
         var[...] = jnp.asarray(from_torch_layout(key, np.asarray(theirs[key], np.float32)),
