@@ -283,6 +283,53 @@ def test_a_full_or_read_only_disk_is_one_line_with_the_os_error(tmp_path, run_en
     assert "Traceback" not in done.stderr
 
 
+def test_dataset_preparation_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(
+        tmp_path, run_env):
+    """The tiny synthetic set prepared into a 64 KiB disk: TFDS (or the records writer) fails
+    with ENOSPC; the CLI names the data folder in one line; no TFDS `incomplete.*` folder and no
+    `.partial` / `.unsorted` records file is left."""
+    with small_disk(tmp_path) as mount:
+        cmd = [sys.executable, "-m", "unet_jax.main", f"--config={TINY}",
+               f"--workdir={tmp_path / 'run'}", "--jax_cache_dir=",
+               f"--config.data.tfds_data_dir={mount / 'tfds'}"]
+        done = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True,
+                              timeout=300)
+        left = [p.name for p in mount.rglob("*")
+                if p.name.startswith("incomplete.") or p.name.endswith((".partial", ".unsorted"))]
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"unet_jax\.main: error: {re.escape(str(mount))}/tfds\S*: cannot prepare "
+                        r"synthetic there: No space left on device", last), last
+    assert "Traceback" not in done.stderr and not left, left
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_savedmodel_on_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
+    """export.save_module: TensorFlow's write error (not an OSError) becomes one InputError
+    naming --output; its temporary sibling folder is removed."""
+    import tensorflow as tf
+
+    from unet_jax.cli import export
+    from unet_jax.errors import InputError
+
+    class Module(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(tf.zeros([256, 256]))  # 256 KiB: more than the disk holds
+
+        @tf.function(input_signature=[tf.TensorSpec([2], tf.float32)])
+        def serve(self, x):
+            return {"y": x + self.w[0, :2]}
+
+    with small_disk(tmp_path) as mount:
+        with pytest.raises(InputError) as err:
+            export.save_module(Module(), mount / "saved", {})
+        left = sorted(p.name for p in mount.iterdir())
+    assert str(err.value) == f"{mount / 'saved'}: cannot write the SavedModel: " \
+                             "No space left on device", str(err.value)
+    assert left == [], left
+
+
 def test_orbax_log_records_lose_their_tracebacks_without_verbose():
     """A failed background write is logged by orbax with its traceback before the CLI's one-line
     error; the CLI's filter keeps orbax's message and drops the traceback (others untouched)."""

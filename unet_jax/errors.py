@@ -7,6 +7,9 @@ line on stderr with exit code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 
 
@@ -58,3 +61,26 @@ def one_line(err: BaseException) -> str:
     """The message of `err` folded onto one line."""
     text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
     return text or type(err).__name__
+
+
+# The OS's words for the storage failures a user can act on (a full disk, a read-only folder, no
+# permission, a quota), as TensorFlow and tensorstore quote them inside their own exception types.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+
+
+def storage_error(err: BaseException) -> str | None:
+    """The OS error text of a failed write, whichever library raised it (an `OSError`, a
+    tensorstore `ValueError` carrying `os_error_code='N'`, a TensorFlow `OpError` quoting the
+    OS message), or None when `err` is not such a failure or is already a `UserError`."""
+    if isinstance(err, UserError):
+        return None
+    if isinstance(err, OSError):
+        return err.strerror or one_line(err)
+    text = str(err)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code is not None:
+        return os.strerror(int(code.group(1)))
+    for number in _STORAGE_ERRNOS:
+        if os.strerror(number) in text:
+            return os.strerror(number)
+    return None

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_jax.cli import common
-from unet_jax.errors import InputError
+from unet_jax.errors import InputError, storage_error
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -162,9 +162,12 @@ def save_module(module: Any, output: str | Path, meta: dict[str, Any]) -> Path:
         if out.exists():
             out.rmdir()
         partial.rename(out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
-        raise
+        reason = storage_error(err) if isinstance(err, Exception) else None
+        if reason is None:
+            raise
+        raise InputError(f"{out}: cannot write the SavedModel: {reason}") from err
     return out
 
 

@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from unet_jax.config import DATASET_NAMES
+from unet_jax.errors import DataError, storage_error
 from unet_jax.data import cityscapes, records
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
 from unet_jax.data.builders.common import check_manual_dir, data_error
@@ -96,12 +97,18 @@ def prepare(data: Any) -> tfds.core.DatasetBuilder:
     """
     data = _data(data)
     builder = get_builder(data)
-    if not builder.is_prepared():
-        _build(builder, data)
-    for split in RECORD_SPLITS:
-        path = records.split_path(records_dir(builder), split)
-        if not path.is_file():
-            records.write_split(_examples(builder, data, split), path)
+    try:
+        if not builder.is_prepared():
+            _build(builder, data)
+        for split in RECORD_SPLITS:
+            path = records.split_path(records_dir(builder), split)
+            if not path.is_file():
+                records.write_split(_examples(builder, data, split), path)
+    except Exception as err:  # TFDS and TensorFlow wrap OS errors in their own types
+        reason = storage_error(err)
+        if reason is None:
+            raise
+        raise DataError(f"{builder.data_dir}: cannot prepare {data.name} there: {reason}") from err
     return builder
 
 

@@ -72,12 +72,12 @@ def write_split(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike) 
     scratch = path.with_name(f".{path.name}.unsorted")
     partial = path.with_name(f".{path.name}.partial")
     names = []
-    writer = array_record_module.ArrayRecordWriter(str(scratch), "group_size:1")
-    for ex in examples:
-        names.append(_text(ex["name"]))
-        writer.write(encode(ex))
-    writer.close()
     try:
+        writer = array_record_module.ArrayRecordWriter(str(scratch), "group_size:1")
+        for ex in examples:
+            names.append(_text(ex["name"]))
+            writer.write(encode(ex))
+        writer.close()
         if len(set(names)) != len(names):
             raise DataError(f"{path}: two examples share a name; expected unique names")
         with array_record_data_source.ArrayRecordDataSource(str(scratch)) as reader:
@@ -86,8 +86,9 @@ def write_split(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike) 
                 writer.write(reader[k])
             writer.close()
         os.replace(partial, path)
-    finally:
+    finally:  # nothing half-written stays behind, whatever failed (a full disk included)
         scratch.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
     return len(names)
 
 

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from unet_jax.errors import (CheckpointError, DamagedCheckpointError, InputError, one_line,
-                             warn)
+                             storage_error, warn)
 from unet_jax.models import mmseg
 from unet_jax.io.pth import load_pth, max_bytes_for
 
@@ -71,15 +71,11 @@ def writing(directory: Path) -> Iterator[None]:
     one `CheckpointError` naming the folder and the OS error."""
     try:
         yield
-    except OSError as err:
-        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
-                              f"{err.strerror or one_line(err)}") from err
-    except Exception as err:  # tensorstore reports errno inside a ValueError's message
-        code = re.search(r"os_error_code='(\d+)'", str(err))
-        if code is None:
+    except Exception as err:  # orbax/tensorstore wrap OS errors in their own types
+        reason = storage_error(err)
+        if reason is None:
             raise
-        raise CheckpointError(f"{directory}: cannot write the checkpoint: "
-                              f"{os.strerror(int(code.group(1)))}") from err
+        raise CheckpointError(f"{directory}: cannot write the checkpoint: {reason}") from err
 
 
 def _mib(size: int) -> str:
