@@ -7,14 +7,13 @@ Argument: "<head>,<loss>" as for the zoo configs (default fcn,ce_dice). The firs
 synthetic set (20 train / 8 validation fundus-like 192 x 192 images) into data/tfds.
 Model: base_channels 8 (the zoo uses 64), 64 x 64 crops, global batch 8, 600 SGD steps at lr 0.1
 with mmseg's poly decay; whole-image evaluation every 200 steps.
-Expected runtime: about 1.5-2.5 minutes on a 2-core CPU, data preparation and compilation
-included (measured 74 s on a 2-core AVX-512 VM at load ~1, 153 s when the VM was shared with
-other jobs).
-Expected score (synthetic validation split, 8 images), seed 0: mDice 90.80, vessel Dice 83.13
-(aAcc 97.20, mIoU 84.06) with the worker-process batches (data/sampler.py) on a 2-core AVX-512
-VM; 90.96 / 82.22 and 91.26 / 83.95 with the earlier tf.data batches: float32 rounding
-differs between CPUs and 600 steps amplify it (see tests/test_train_step.py on ReLU gates), so
-expect mDice 90-92 and vessel Dice 82-84.
+Expected runtime: about 1.5-3 minutes on a 2-core CPU, data preparation and compilation
+included (measured 113 s at load 1.1 with the grain workers, 146 s on a loaded machine, 74 s on
+a faster 2-core AVX-512 VM).
+Expected score (synthetic validation split, 8 images), seed 0: mDice 91.16, vessel Dice 83.78
+(aAcc 97.30, mIoU 84.60) measured with the grain sampler; 90.50-90.80 / 83.13 on other 2-core
+VMs: float32 rounding differs between CPUs and 600 steps amplify it (see
+tests/test_train_step.py on ReLU gates), so expect mDice 90-92 and vessel Dice 82-84.
 """
 from unet_jax import recipe
 

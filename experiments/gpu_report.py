@@ -9,7 +9,8 @@ which read the records: installed, or carried along as wheels for its Python; no
 or ml_collections), from the repository root, with .gpu_bundle carried along:
     python experiments/gpu_report.py --data .gpu_bundle/DRIVE --out $OUT
 Smoke run of the same code on CPU (tiny widths and sizes; the train step on DRIVE float32 only,
-inference on DRIVE (slide) and Cityscapes (whole) only; about 25 s; tests/test_gpu_report.py):
+inference on DRIVE (slide) and Cityscapes (whole) only; measured 53 s inside the loaded
+test suite; tests/test_gpu_report.py):
     python experiments/gpu_report.py --smoke --data .gpu_bundle/DRIVE --out /tmp/gpu_smoke
 
 Sections, in this order, each case skipped (and said so) when the time budget (`--budget_s`,
