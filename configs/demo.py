@@ -23,15 +23,8 @@ ROWS = [(head, loss) for head in recipe.HEADS for loss in recipe.LOSSES]
 def get_config(arg=None):
     """The demo: synthetic data, base_channels 8, 600 steps of batch 8."""
     head, loss = recipe.parse_arg(arg, ROWS, "configs/demo.py", default_loss="ce_dice")
-    config = recipe.unet_s5_d16(head, loss)
-    config.model.base_channels = 8
+    config = recipe.cpu_small(recipe.unet_s5_d16(head, loss))
     config.model.num_classes = 2
-    config.train.num_steps = 600
-    config.train.batch_size = 8
-    config.train.lr = 0.1
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 200
-    config.train.log_every = 20
     config.data.name = "synthetic"
     config.data.manual_dir = ""            # generated, nothing to download
     config.data.synthetic = dict(image_size=192, num_train=20, num_validation=8, seed=0)

@@ -4,7 +4,7 @@ Run:
     python -m unet_jax.main --config configs/drive.py:fcn,ce --workdir runs/drive_fcn \
         --config.data.manual_dir=/path/to/DRIVE
 Argument: "<head>,<loss>" with head in fcn | pspnet | deeplabv3 and loss in ce | ce_dice, and
-optionally ",small": the CPU recipe (see `_small`):
+optionally ",small": the CPU recipe (`recipe.cpu_small`, the demo's):
     python -m unet_jax.main --config configs/drive.py:fcn,ce_dice,small --workdir runs/drive_small \
         --config.data.manual_dir=/path/to/DRIVE
   measured 4 min 3 s on a 2-core CPU (load 1.5-3; preparation and compilation included),
@@ -48,23 +48,8 @@ def get_config(arg=None):
     config.eval.stride = (42, 42)          # 14 x 13 = 182 windows per 584 x 565 image
     config.eval.metric = "mDice"
     config.published = PUBLISHED[head, loss]
-    if small:
-        _small(config)
+    if small:  # no published score applies
+        recipe.cpu_small(config)
+        config.published = {}
     return config
 
-
-def _small(config):
-    """The CPU recipe: the demo's narrow model and schedule on the real DRIVE images.
-
-    mmseg's row (width 64, lr 0.01, 40k steps of batch 16) needs days on a CPU, and cut to a few
-    hundred steps it learns nothing (vessel Dice 0). Width 8, lr 0.1, batch 8 and 600 steps
-    learn the vessels in minutes. No published score applies.
-    """
-    config.model.base_channels = 8
-    config.train.batch_size = 8
-    config.train.lr = 0.1
-    config.train.num_steps = 600
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 200
-    config.train.log_every = 20
-    config.published = {}
