@@ -348,3 +348,25 @@ def test_orbax_log_records_lose_their_tracebacks_without_verbose():
     formatter = logging.Formatter()
     assert formatter.format(records[0]) == "write failed"
     assert "Traceback" in formatter.format(records[1])
+
+
+def test_a_damaged_checkpoint_is_reported_without_library_noise():
+    """What the CLIs print for a damaged checkpoint: tensorstore's kilobyte-long driver spec is
+    cut from the one-line message, and the dozens of "Event loop is closed" reports that
+    tensorstore's late callbacks raise after orbax gives up are dropped (other unraisable
+    exceptions still reach the default hook)."""
+    from types import SimpleNamespace
+
+    from unet_jax.cli.common import _without_closed_loop_reports
+    from unet_jax.errors import one_line
+
+    err = ValueError('NOT_FOUND: Error opening "zarr" driver: Metadata at "a/.zarray" does not '
+                     "exist [tensorstore_spec='{\"context\":{\"cache_pool\":{}},\"driver\":\"zarr\"}']")
+    assert one_line(err) == 'NOT_FOUND: Error opening "zarr" driver: Metadata at "a/.zarray" ' \
+                            "does not exist"
+    seen = []
+    for exc in (RuntimeError("Event loop is closed"), RuntimeError("something else"),
+                ValueError("Event loop is closed")):
+        _without_closed_loop_reports(SimpleNamespace(exc_value=exc), seen.append)
+    assert [str(u.exc_value) for u in seen] == ["something else", "Event loop is closed"]
+    assert isinstance(seen[1].exc_value, ValueError)

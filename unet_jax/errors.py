@@ -58,8 +58,10 @@ def warn(message: str) -> None:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of `err` folded onto one line."""
+    """The message of `err` folded onto one line, without the kilobyte-long driver spec that
+    tensorstore appends to its errors (" [tensorstore_spec='{...}']")."""
     text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    text = re.sub(r" \[tensorstore_spec='.*?'\]", "", text)
     return text or type(err).__name__
 
 

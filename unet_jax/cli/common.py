@@ -37,7 +37,9 @@ CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 # config with options (the synthetic set's) is "custom", that a folder it is about to fill has no
 # metadata yet, and about its own deprecated attribute.
 _NOISE = ("Metadata file does not exist", "Using custom data configuration",
-          "has no dataset_info.json", "`FeatureConnector.dtype` is deprecated")
+          "has no dataset_info.json", "`FeatureConnector.dtype` is deprecated",
+          # orbax on a damaged checkpoint, which the CLI reports (and sets aside) in one line
+          "Failed to get item metadata from directory")
 
 
 def use_cpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -85,11 +87,24 @@ def _without_noise(record: logging.LogRecord) -> bool:
     return not any(text in message for text in _NOISE)
 
 
+def _without_closed_loop_reports(unraisable: Any, default: Callable[[Any], None]) -> None:
+    """An unraisable hook: when orbax gives up reading a damaged checkpoint it closes its event
+    loop while tensorstore still delivers callbacks to it, and CPython prints each as an ignored
+    "RuntimeError: Event loop is closed" traceback (dozens); the damaged checkpoint itself is
+    reported in one line. Every other unraisable exception is printed as before."""
+    err = unraisable.exc_value
+    if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+        default(unraisable)
+
+
 def _quiet_libraries() -> None:
-    """No start-up chatter from TensorFlow's C++ logging and no `_NOISE` (kept with --verbose)."""
+    """No start-up chatter from TensorFlow's C++ logging, no `_NOISE` and no closed-event-loop
+    reports (all kept with --verbose)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for quiet in (_without_library_tracebacks, _without_noise):
         logging.getLogger("absl").addFilter(quiet)
+    default = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: _without_closed_loop_reports(unraisable, default)
 
 
 def report(prog: str, err: BaseException) -> None:
