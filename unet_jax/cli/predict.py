@@ -54,7 +54,7 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from unet_jax.cli import common
-from unet_jax.errors import InputError, one_line
+from unet_jax.errors import InputError, one_line, storage_error
 from unet_jax.evaluate import overlay_image
 from unet_jax.io.images import IMAGE_SUFFIXES, ImageReadError, read_rgb
 from unet_jax.segmenter import Segmenter, full_palette
@@ -290,7 +290,7 @@ def _write(path: Path, write: Callable[[Path], None]) -> None:
         write(path)
     except OSError as err:
         path.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write: {err.strerror or one_line(err)}") from err
+        raise InputError(f"{path}: cannot write: {storage_error(err)}") from err
 
 
 def predict_files(segmenter: Segmenter, inputs: Sequence[str | Path], output: str | Path, *,
