@@ -303,24 +303,43 @@ def test_workers_exit_when_the_training_process_is_killed(drive, tmp_path: Path)
     assert not alive, f"workers {alive} outlived the killed training process"
 
 
+def _new_worker(known: set[int]) -> int:
+    """The pid of an augmentation worker started since `known` was taken, which is then updated
+    with every current child: a test must not signal a worker another test left to the garbage
+    collector (its death would be no warning here)."""
+    import multiprocessing
+
+    children = [p.pid for p in multiprocessing.active_children()]
+    fresh = [pid for pid in children if pid not in known]
+    assert fresh, f"no new worker among {children} (known {sorted(known)})"
+    known.update(children)
+    return fresh[0]
+
+
+def _children() -> set[int]:
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children()}
+
+
 @pytest.mark.timeout(240)
 def test_a_killed_worker_is_replaced_and_the_batches_stay_the_same(drive, capfd) -> None:
     """A worker SIGKILLed early (after the first batch) and again later (after the sixth of
     fourteen: the killed worker still owes batches beyond what it prefetched): the run goes on
     with new workers and exactly the batches of an in-process run."""
-    import multiprocessing
     import signal
 
     cfg = _cfg()
     source = _ds(drive)
     expected = _take(source, cfg, 14, global_batch_size=2, seed=9)
+    known = _children()
     batches = S.train_batches(source, cfg, global_batch_size=2, seed=9, workers=2, prefetch=1)
     got = []
     try:
         for step in range(14):
             got.append(next(batches))
             if step in (0, 5):
-                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+                os.kill(_new_worker(known), signal.SIGKILL)
     finally:
         batches.close()
     for x, y in zip(expected, got, strict=True):
@@ -331,14 +350,14 @@ def test_a_killed_worker_is_replaced_and_the_batches_stay_the_same(drive, capfd)
 
 
 def test_workers_that_keep_dying_stop_the_run_with_one_error(drive) -> None:
-    import multiprocessing
     import signal
 
+    known = _children()
     batches = S.train_batches(_ds(drive), _cfg(), global_batch_size=2, seed=0, workers=1,
                               max_restarts=0)
     try:
         next(batches)
-        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        os.kill(_new_worker(known), signal.SIGKILL)
         with pytest.raises(S.WorkerError, match="died.*after 0 replacement.*resumes from its last"):
             for _ in range(50):
                 next(batches)
@@ -350,12 +369,12 @@ def test_workers_that_keep_dying_stop_the_run_with_one_error(drive) -> None:
 def test_a_stuck_worker_is_replaced_and_the_batches_stay_the_same(drive, capfd) -> None:
     """A worker stopped with SIGSTOP (alive, making nothing) is killed after `stall_s` and
     replaced: the batches are those of an in-process run."""
-    import multiprocessing
     import signal
 
     cfg = _cfg()
     source = _ds(drive)
     expected = _take(source, cfg, 8, global_batch_size=2, seed=4)
+    known = _children()
     batches = S.train_batches(source, cfg, global_batch_size=2, seed=4, workers=2, prefetch=1,
                               stall_s=3)
     got = []
@@ -363,7 +382,7 @@ def test_a_stuck_worker_is_replaced_and_the_batches_stay_the_same(drive, capfd) 
         for step in range(8):
             got.append(next(batches))
             if step == 0:
-                os.kill(multiprocessing.active_children()[0].pid, signal.SIGSTOP)
+                os.kill(_new_worker(known), signal.SIGSTOP)
     finally:
         batches.close()
     for x, y in zip(expected, got, strict=True):
