@@ -58,11 +58,9 @@ def load_splits(config: Any) -> tuple[Any, Any]:
 
     Process 0 prepares first; the others then prepare only if their disk does not see it.
     """
-    import tensorflow as tf
     from unet_jax import data
     from unet_jax.data.records import host_rows
 
-    tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
     if parallel.is_main_process():
         data.prepare(config.data)
     parallel.sync("unet_jax:data_prepared")

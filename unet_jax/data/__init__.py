@@ -3,8 +3,8 @@ builder, Cityscapes through TFDS's `cityscapes`, `prepare` (TFDS build + the rec
 shares), `source` (a split's records) and `load_split` (the TFDS view, a `tf.data.Dataset`).
 
 Importing this package registers the builders with TFDS where TFDS is installed; that imports
-TFDS but not TensorFlow. `prepare`, `source`, `load_split` and Cityscapes' label map import
-TensorFlow, on first use. Reading prepared records (`unet_jax.data.records`), the augmentation
+TFDS but not TensorFlow. TensorFlow is imported only to build a dataset and write its records
+(`prepare`, `source` the first time) or to read it through TFDS (`load_split`). Reading prepared records (`unet_jax.data.records`), the augmentation
 and the sampler need neither (the sampler's worker processes and experiments/gpu_report.py).
 """
 import importlib

@@ -10,10 +10,10 @@ labelIds image through the table below gives the trainIds image.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 IGNORE_INDEX = 255
 
@@ -45,7 +45,8 @@ def labelids_to_trainids(label: Any) -> Any:
     Works on numpy arrays (returns numpy) and on tf tensors (returns a tf.uint8 tensor; usable
     inside `tf.data` maps and `tf.function`).
     """
-    if isinstance(label, (tf.Tensor, tf.Variable)):
+    tf = sys.modules.get("tensorflow")  # a tf tensor exists only once TensorFlow is imported
+    if tf is not None and isinstance(label, (tf.Tensor, tf.Variable)):
         return tf.gather(tf.constant(LUT), tf.cast(label, tf.int32))
     arr = np.asarray(label)
     if arr.dtype != np.uint8:
@@ -55,8 +56,8 @@ def labelids_to_trainids(label: Any) -> Any:
     return LUT[arr]
 
 
-def to_common_features(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """TFDS cityscapes example -> {'image' HxWx3 RGB, 'label' HxW trainIds, 'name'}."""
+def to_common_features(example: dict[str, Any]) -> dict[str, Any]:
+    """TFDS cityscapes example (tf tensors) -> {'image' HxWx3 RGB, 'label' HxW trainIds, 'name'}."""
     label = example["segmentation_label"]
     if label.shape.rank == 3:
         label = label[..., 0]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from unet_jax.config import DATASET_NAMES
@@ -36,7 +35,7 @@ class DatasetSpec:
     tfds_name: str
     layout: str | None                    # what manual_dir holds; None: generated, no download
     required_files: tuple[str, ...] = ()  # files manual_dir must contain (checked up front)
-    to_common: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]] | None = None
+    to_common: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # on tf tensors
     options: Callable[[Any], tfds.core.BuilderConfig] | None = None  # builder config from data
     fov: str | None = None                # what the `fov` feature holds; None: no such feature
     image_feature: str = "image"          # the builder's image feature (stored encoded as is)
@@ -82,6 +81,15 @@ def get_builder(data: Any) -> tfds.core.DatasetBuilder:
 RECORD_SPLITS = ("train", "validation")
 
 
+def _tensorflow() -> Any:
+    """TensorFlow, imported only to build a dataset or to read it through TFDS (about 8 s of CPU
+    and 1 GB that training, evaluation and predict on prepared records do not pay), and kept off
+    the accelerators, which are JAX's."""
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
 def records_dir(builder: tfds.core.DatasetBuilder) -> Path:
     """The folder of a prepared dataset's records (inside the builder's versioned folder)."""
     return Path(builder.data_dir) / "records"
@@ -99,10 +107,12 @@ def prepare(data: Any) -> tfds.core.DatasetBuilder:
     builder = get_builder(data)
     try:
         if not builder.is_prepared():
+            _tensorflow()
             _build(builder, data)
         for split in RECORD_SPLITS:
             path = records.split_path(records_dir(builder), split)
             if not path.is_file():
+                _tensorflow()
                 records.write_split(_examples(builder, data, split), path)
     except Exception as err:  # TFDS and TensorFlow wrap OS errors in their own types
         reason = storage_error(err)
@@ -150,7 +160,7 @@ def source(data: Any, split: str) -> records.RecordSource:
 
 def load_split(data: Any, split: str, *, shuffle_files: bool = False,
                read_config: tfds.ReadConfig | None = None,
-               decoders: Mapping[str, Any] | None = None) -> tf.data.Dataset:
+               decoders: Mapping[str, Any] | None = None) -> Any:
     """One split (e.g. 'train', 'validation', or any TFDS split string such as 'train[:50%]')
     as a `tf.data.Dataset` of {'image' uint8 HxWx3 RGB, 'label' uint8 HxW, 'name' string}, and
     'fov' uint8 HxW (1 = inside the field of view) where `DATASETS[name].fov` says so.
@@ -166,7 +176,8 @@ def load_split(data: Any, split: str, *, shuffle_files: bool = False,
 
 def _as_dataset(builder: tfds.core.DatasetBuilder, data: Any, split: str, *,
                 shuffle_files: bool = False, read_config: tfds.ReadConfig | None = None,
-                decoders: Mapping[str, Any] | None = None) -> tf.data.Dataset:
+                decoders: Mapping[str, Any] | None = None) -> Any:
+    tf = _tensorflow()
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
                             decoders=dict(decoders) if decoders else None)
     to_common = DATASETS[data.name].to_common
