@@ -1,5 +1,6 @@
-"""mmseg 1.2.2's loss values and logit gradients for every loss option unet_jax offers, on small
-fixed random inputs, into `tests/data/mmseg_loss_options.npz` (read by `tests/test_loss_options.py`).
+"""mmseg 1.2.2's loss values and logit gradients for every loss option unet_jax offers, on
+small fixed random inputs, into `tests/data/mmseg_loss_options.npz` (read by
+`tests/test_loss_options.py`).
 
 CI has no mmseg, so the real losses run here once and their outputs are committed. Regenerate with
 the reference venv (`../shared/tools/mmseg_ref/README.md`), from the repository root:
@@ -9,11 +10,15 @@ the reference venv (`../shared/tools/mmseg_ref/README.md`), from the repository 
 
 Each case calls mmseg's own loss module as `BaseDecodeHead.loss_by_feat` does
 (`loss(logits, label, weight=w, ignore_index=255)`) on NCHW logits, in float64 (the reference the
-test compares against) and in float32; the file keeps the float64 value, the gradient (rounded to float32) and the
-largest float32-vs-float64 difference of each, from which the test derives its tolerance.
+test compares against) and in float32; the file keeps the float64 value, the gradient (rounded
+to float32) and the largest float32-vs-float64 difference of each, from which the test derives
+its tolerance.
 
 The per-sample weight `w` (one value per image) goes in as mmseg's loss functions take a weight:
 broadcast over the pixels (N, H, W) for the cross-entropies, as it is (N,) for Dice.
+
+The `head_*` cases run `BaseDecodeHead.loss_by_feat` itself on logits at a lower resolution than
+the labels (resize, ignore_index 255, the loss list summed), against `losses.segmentation_loss`.
 
 One case has no mmseg reference: softmax CE with `class_weight` on labels holding ignored pixels.
 mmseg 1.2.2 raises IndexError there (it looks up `class_weight[255]` to build its denominator),
@@ -33,6 +38,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared/tools/mmseg_ref"))
 import mmcv_ext_shim  # noqa: E402,F401  (lets mmseg.models import without mmcv's compiled ops)
 from mmseg.models.losses import CrossEntropyLoss, DiceLoss  # noqa: E402
+from mmseg.utils import register_all_modules  # noqa: E402
+
+register_all_modules()  # the decode head builds its losses from the registry
 
 OUT = Path(__file__).resolve().parents[1] / "tests/data/mmseg_loss_options.npz"
 N, H, W = 2, 4, 5     # W differs from every channel count (mmseg's BCE pos_weight broadcasts on W)
@@ -53,6 +61,8 @@ def inputs() -> dict[str, np.ndarray]:
     out["labels2"] = labels2
     out["labels2_ignore"] = np.where(rng.random((N, H, W)) < 0.2, IGNORE, labels2)
     out["sample_weight"] = np.array([0.25, 1.5])
+    for c in (3, 1):  # decode-head logits at a lower resolution than the labels
+        out[f"logits{c}_half"] = rng.normal(0.0, 2.0, (N, H // 2 + 1, W // 2 + 1, c))
     return out
 
 
@@ -88,12 +98,40 @@ CASES = {
     "dice2":              ("dice", dict(), "logits2", "labels2_ignore", False),
     "dice1":              ("dice", dict(), "logits1", "labels2_ignore", False),
     "dice1_naive":        ("dice", dict(naive_dice=True), "logits1", "labels2_ignore", False),
+    # BaseDecodeHead.loss_by_feat: logits resized (bilinear) to the labels, every loss summed;
+    # "ours" are the config.loss fields of the same objective, "head" mmseg's decode-head args.
+    "head_softmax": ("head", dict(
+        head=dict(num_classes=3, loss_decode=[
+            dict(type="CrossEntropyLoss", class_weight=[0.5, 1.0, 3.0], avg_non_ignore=True),
+            dict(type="DiceLoss", naive_dice=True, loss_weight=3.0, loss_name="loss_dice")]),
+        ours=dict(name="ce_dice", class_weight=[0.5, 1.0, 3.0], avg_non_ignore=True,
+                  dice_form="v1", naive_dice=True)), "logits3_half", "labels3", False),
+    "head_sigmoid": ("head", dict(
+        head=dict(num_classes=3, loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=True,
+                                                  avg_non_ignore=True)),
+        ours=dict(name="ce", use_sigmoid=True, avg_non_ignore=True)),
+        "logits3_half", "labels3_ignore", False),
+    "head_binary": ("head", dict(
+        head=dict(num_classes=2, out_channels=1, threshold=0.3, loss_decode=[
+            dict(type="CrossEntropyLoss", use_sigmoid=True, class_weight=[2.5]),
+            dict(type="DiceLoss", loss_weight=3.0, loss_name="loss_dice")]),
+        ours=dict(name="ce_dice", class_weight=[2.5], dice_form="v1")),
+        "logits1_half", "labels2_ignore", False),
 }
 
 
 def mmseg_loss(kind: str, opts: dict, logits: torch.Tensor, labels: torch.Tensor,
                weight: torch.Tensor | None) -> torch.Tensor:
     """One loss of mmseg as its decode head calls it (NCHW logits, (N, H, W) int64 labels)."""
+    if kind == "head":  # the sum of the decode head's losses (its acc_seg is only logged)
+        from mmengine.structures import PixelData
+        from mmseg.models.decode_heads import FCNHead
+        from mmseg.structures import SegDataSample
+        head = FCNHead(in_channels=4, channels=4, num_convs=1, concat_input=False,
+                       **opts["head"])
+        samples = [SegDataSample(gt_sem_seg=PixelData(data=y[None])) for y in labels]
+        terms = head.loss_by_feat(logits, samples)
+        return sum(v for k, v in terms.items() if k.startswith("loss"))
     if kind == "dice":
         return DiceLoss(**opts)(logits, labels, weight=weight, ignore_index=IGNORE)
     if weight is not None:

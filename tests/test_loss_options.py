@@ -1,6 +1,8 @@
 """The loss options (class weights, avg_non_ignore, sigmoid BCE, naive Dice, per-sample weights,
-one-channel binary segmentation) against the real mmseg 1.2.2: values and logit gradients
-computed by `experiments/make_loss_fixtures.py` into `tests/data/mmseg_loss_options.npz`."""
+one-channel binary segmentation) against the real mmseg 1.2.2: values and logit gradients of its
+loss modules and of its decode head's `loss_by_feat`, computed by
+`experiments/make_loss_fixtures.py` into `tests/data/mmseg_loss_options.npz`; their config
+fields; the binary model's inference and evaluation."""
 from __future__ import annotations
 
 import json
@@ -41,6 +43,10 @@ def ours(case: dict):
     labels = jnp.asarray(DATA[case["labels"]], jnp.int32)
     weight = jnp.asarray(DATA["sample_weight"], jnp.float32) if case["weighted"] else None
     kind = case["kind"]
+    if kind == "head":
+        cfg = _loss_cfg(**{**opts["ours"], "class_weight": tuple(opts["ours"].get(
+            "class_weight", ()))})
+        return lambda x: losses.segmentation_loss(x, None, labels, cfg)[0]
     if kind in ("ce", "torch_ce"):
         return lambda x: losses.cross_entropy(x, labels, weight=weight, **opts)
     if kind == "bce":
@@ -70,10 +76,12 @@ def test_fixture_covers_every_option():
     opts = {(c["kind"], k) for c in CASES.values() for k in c["opts"]}
     assert {("ce", "class_weight"), ("ce", "avg_non_ignore"), ("bce", "class_weight"),
             ("bce", "avg_non_ignore"), ("dice", "naive_dice")} <= opts
+    assert {c["logits"] for c in CASES.values() if c["kind"] == "head"} == {
+        "logits3_half", "logits1_half"}
     weighted = {c["kind"] for c in CASES.values() if c["weighted"]}
     assert weighted == {"ce", "bce", "dice"}
-    one_channel = {c["kind"] for c in CASES.values() if c["logits"] == "logits1"}
-    assert one_channel == {"bce", "dice"}
+    one_channel = {c["kind"] for c in CASES.values() if c["logits"].startswith("logits1")}
+    assert one_channel == {"bce", "dice", "head"}
 
 
 def test_binary_dice_foreground_target():
@@ -233,3 +241,26 @@ def test_binary_inference_and_evaluation_threshold_the_sigmoid(tta):
     union = sum(int(np.sum(((p == 1) | (s["label"] == 1)) & (s["label"] != 255)))
                 for p, s in zip(preds, samples))
     assert summary["IoU"]["vessel"] == round(100 * inter / union, 2)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_binary_export_thresholds_the_sigmoid(tta):
+    """The SavedModel's TensorFlow part labels a one-channel model's scores as
+    `inference.labels_of` does (with a stand-in for the converted JAX pipeline)."""
+    tf = pytest.importorskip("tensorflow")
+    from unet_jax import inference as inf
+    from unet_jax import serving
+    config = _binary_config(**{"eval.tta": tta, "eval.tta_scales": (1.0, 0.5)})
+    image = _samples()[0]["image"]
+
+    def scores_fn(view, image, flip):
+        return tf.cast(image[..., :1], tf.float32) / 64.0 - 2.0
+
+    scores, labels = serving.segment(scores_fn, tf.constant(image), config)
+    logits = image[..., :1].astype(np.float32) / 64.0 - 2.0
+    expected_scores = np.asarray(jax.nn.sigmoid(logits)) if tta else logits
+    # four views summed and divided: a few float32 roundings of values <= 1
+    np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=0, atol=4 * F32_EPS)
+    expected = inf.labels_of(jnp.asarray(expected_scores), probs=tta, threshold=0.4)
+    np.testing.assert_array_equal(labels.numpy(), np.asarray(expected, np.uint8))
+    assert labels.dtype == tf.uint8 and 0 < labels.numpy().mean() < 1
