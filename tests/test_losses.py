@@ -155,14 +155,21 @@ def _synthetic(num_classes: int = 3, seed: int = 1):
     return dec, aux, labels
 
 
+def _loss_cfg(**fields) -> ml_collections.ConfigDict:
+    """The recipe's loss section with `fields` set (the options tests/test_loss_options.py
+    covers keep their defaults)."""
+    cfg = recipe.unet_s5_d16("fcn", "ce").loss
+    cfg.update(fields)
+    return cfg
+
+
 @pytest.mark.parametrize("name,dice_form", [("ce", "legacy"), ("ce_dice", "legacy"),
                                             ("ce_dice", "v1")])
 @pytest.mark.parametrize("avg_non_ignore", [False, True])
 def test_segmentation_loss_hand_composition(name, dice_form, avg_non_ignore):
     dec, aux, labels = _synthetic()
-    cfg = ml_collections.ConfigDict(dict(
-        name=name, ce_weight=1.0, dice_weight=3.0, dice_form=dice_form, aux_weight=0.4,
-        avg_non_ignore=avg_non_ignore, ignore_index=255))
+    cfg = _loss_cfg(name=name, ce_weight=1.0, dice_weight=3.0, dice_form=dice_form,
+                    aux_weight=0.4, avg_non_ignore=avg_non_ignore, ignore_index=255)
     total, terms = jax.jit(lambda d, a, y: L.segmentation_loss(d, a, y, cfg))(dec, aux, labels)
 
     aux_up = _torch_bilinear_np(aux, labels.shape[1:])
@@ -186,9 +193,8 @@ def test_segmentation_loss_hand_composition(name, dice_form, avg_non_ignore):
 
 def test_segmentation_loss_without_aux_and_weights():
     dec, _, labels = _synthetic(num_classes=2, seed=3)
-    cfg = ml_collections.ConfigDict(dict(
-        name="ce_dice", ce_weight=0.5, dice_weight=2.0, dice_form="v1", aux_weight=0.4,
-        avg_non_ignore=False, ignore_index=255))
+    cfg = _loss_cfg(name="ce_dice", ce_weight=0.5, dice_weight=2.0, dice_form="v1",
+                    aux_weight=0.4, avg_non_ignore=False, ignore_index=255)
     total, terms = L.segmentation_loss(jnp.asarray(dec), None, jnp.asarray(labels), cfg)
     assert set(terms) == {"decode.loss_ce", "decode.loss_dice", "decode.acc_seg"}
     np.testing.assert_allclose(float(terms["decode.loss_ce"]), 0.5 * _np_ce(dec, labels), rtol=2e-5)

@@ -271,7 +271,11 @@ def _check_model(c: Any) -> None:
     _choice(c, "model.head", HEADS)
     _int(c, "model.base_channels", 1)
     _int(c, "model.head_channels", 0)
-    _int(c, "model.num_classes", 2, 255)
+    num_classes = _int(c, "model.num_classes", 2, 255)
+    out_channels = _int(c, "model.out_channels", 0, 255)
+    if out_channels not in (0, 1, num_classes) or (out_channels == 1 and num_classes != 2):
+        raise _fail("model.out_channels", "0 (= model.num_classes), model.num_classes, or 1 "
+                    "with model.num_classes=2 (binary: one sigmoid channel)", out_channels)
     _int(c, "model.in_channels", 3, 3)
     stages = _int(c, "model.num_stages", 2)
     for field, length in (("strides", stages), ("enc_num_convs", stages),
@@ -299,11 +303,34 @@ def _check_model(c: Any) -> None:
 
 def _check_loss(c: Any) -> None:
     _choice(c, "loss.name", LOSSES)
-    _choice(c, "loss.dice_form", ("legacy", "v1"))
+    dice_form = _choice(c, "loss.dice_form", ("legacy", "v1"))
     for field in ("ce_weight", "dice_weight", "aux_weight"):
         _float(c, f"loss.{field}", 0.0)
     _bool(c, "loss.avg_non_ignore")
     _int(c, "loss.ignore_index", 0, 255)
+    _choice(c, "loss.dice_binary_target", ("background", "foreground"))
+    # One channel (binary) is always the sigmoid CE and the v1 Dice (a softmax over one channel
+    # is 1 everywhere), whatever loss.use_sigmoid and loss.dice_form say; commands that take a
+    # binary checkpoint then work with the config file the model was trained from.
+    binary = _get(c, "model.out_channels") == 1
+    sigmoid = _bool(c, "loss.use_sigmoid") or binary
+    if _bool(c, "loss.naive_dice") and dice_form == "legacy" and not binary:
+        raise _fail("loss.naive_dice", "False with loss.dice_form='legacy' (mmseg's legacy Dice "
+                    "has no naive form; set --config.loss.dice_form=v1)", True)
+    weights = _get(c, "loss.class_weight")
+    if weights is None or (isinstance(weights, (tuple, list)) and len(weights) == 0):
+        return
+    if sigmoid and not binary:
+        raise _fail("loss.class_weight", "() with loss.use_sigmoid and one channel per class "
+                    "(mmseg applies it as BCE pos_weight broadcast over the image width: an "
+                    "error or wrong weights); use model.out_channels=1 and one value", weights)
+    length = 1 if sigmoid else _get(c, "model.num_classes")
+    what = ("one value (the foreground's pos_weight)" if sigmoid
+            else f"{length} values, one per class (model.num_classes)")
+    if (not isinstance(weights, (tuple, list)) or len(weights) != length or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            and w >= 0 for w in weights) or not any(w > 0 for w in weights)):
+        raise _fail("loss.class_weight", f"() or {what}, finite, >= 0, not all 0", weights)
 
 
 def _check_train(c: Any) -> None:
@@ -375,6 +402,7 @@ def _check_eval(c: Any) -> None:
     scales = _floats(c, "eval.tta_scales")
     if any(s <= 0 for s in scales):
         raise _fail("eval.tta_scales", "positive scale factors", scales)
+    _float(c, "eval.threshold", 0.0, 1.0, low_open=True, high_open=True)
     _int(c, "eval.batch_windows", 1)
     _int(c, "eval.max_images", 0)
     _choice(c, "eval.metric", SUMMARY_METRICS)

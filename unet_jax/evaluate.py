@@ -9,7 +9,6 @@ report inside the FOV (`unet_jax.fov_metrics`: Se, Sp, Acc, AUC, F1), counted th
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,7 @@ from unet_jax.errors import ConfigError
 from unet_jax.inference import ApplyFn, make_apply_fn, segment
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_index"))
-def _pred_counts(scores: jax.Array, label: jax.Array, *, num_classes: int,
-                 ignore_index: int) -> tuple[jax.Array, jax.Array]:
-    pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    return pred, metrics.intersect_and_union_jnp(pred, label, num_classes, ignore_index)
+_counts = jax.jit(metrics.intersect_and_union_jnp, static_argnums=(2, 3))
 
 
 def _map_2d(value: Any, image_hw: tuple[int, int], name: str, what: str) -> np.ndarray:
@@ -133,15 +128,15 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
             if has_fov != (fov_acc is not None):
                 raise ValueError(f"sample {name!r}: expected a fov mask on every sample or on "
                                  f"none; the first sample had {'one' if fov_acc else 'none'}")
-            scores, _ = segment(apply_fn, image, config)
-            pred, counts = _pred_counts(scores, jnp.asarray(label), num_classes=num_classes,
-                                        ignore_index=ignore_index)
+            scores, pred = segment(apply_fn, image, config)
+            counts = _counts(pred, jnp.asarray(label), num_classes, ignore_index)
             fov_counts = None
             if fov_acc is not None:
                 fov = _map_2d(sample["fov"], image.shape[:2], name, "fov")
                 fov_counts = fov_metrics.scores_fov_counts(
                     scores, jnp.asarray(label), jnp.asarray(fov),
-                    probabilities=bool(config.eval.tta), ignore_index=ignore_index)
+                    probabilities=bool(config.eval.tta), ignore_index=ignore_index,
+                    threshold=float(config.eval.threshold))
             pending.append((counts, fov_counts))
             if len(pending) > 1:
                 add(*pending.pop(0))

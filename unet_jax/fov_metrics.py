@@ -175,11 +175,16 @@ class FovAccumulator:
         return {name: _pct(value) for name, value in self.metrics().items()}
 
 
-@functools.partial(jax.jit, static_argnames=("probabilities", "ignore_index"))
+@functools.partial(jax.jit, static_argnames=("probabilities", "ignore_index", "threshold"))
 def scores_fov_counts(scores: jax.Array, label: jax.Array, fov: jax.Array, *,
-                      probabilities: bool, ignore_index: int) -> tuple[jax.Array, jax.Array]:
+                      probabilities: bool, ignore_index: int, threshold: float = 0.3,
+                      ) -> tuple[jax.Array, jax.Array]:
     """`fov_counts_jnp` of 2-class scores (H, W, 2): logits, or with `probabilities` already
-    probabilities (TTA); vessel = the argmax, probability = softmax(logits)[..., 1]."""
+    probabilities (TTA); vessel = the argmax, probability = softmax(logits)[..., 1]. Scores of
+    a binary model (H, W, 1): probability = the sigmoid, vessel where it exceeds `threshold`."""
+    if scores.shape[-1] == 1:
+        vessel = scores[..., 0] if probabilities else jax.nn.sigmoid(scores[..., 0])
+        return fov_counts_jnp(vessel, vessel > threshold, label, fov, ignore_index)
     probs = scores if probabilities else jax.nn.softmax(scores, axis=-1)
     pred = jnp.argmax(scores, axis=-1) == 1
     return fov_counts_jnp(probs[..., 1], pred, label, fov, ignore_index)

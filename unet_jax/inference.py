@@ -27,7 +27,9 @@ data.img_scale and normalise), slide/whole inference, bilinear resize of the log
 original size (align_corners=False, torch-exact), argmax. With `eval.tta` the 12 views of
 mmseg's TTA pipeline (`tta_views`: eval.tta_scales x no-flip/flip, each view resized from the
 original uint8 image) are run, each view's logits flipped back, resized to the original size and
-soft-maxed, and the probabilities averaged over the views.
+soft-maxed, and the probabilities averaged over the views. A binary model (one output channel,
+`model.out_channels=1`) takes the sigmoid instead of the softmax and labels 1 where it exceeds
+`eval.threshold`, as mmseg's decode head `threshold`.
 
 Inputs are trusted: images are checked where they enter (`Segmenter.predict`, the image readers,
 the data builders) and the config by `check_config`.
@@ -46,6 +48,7 @@ from flax import nnx
 from jax.core import max_dim, min_dim
 
 from unet_jax.models.layers import resize_bilinear
+from unet_jax.models.segmentor import output_channels
 from unet_jax.preprocess import normalise, resize_uint8, test_image, tta_view_hw
 
 ApplyFn = Callable[[jax.Array], jax.Array]
@@ -311,7 +314,7 @@ def view_scores(apply_fn: ApplyFn, image: Any, config: Any, out_hw: tuple[Any, A
     config.eval, flipped back horizontally if `flip` (a bool, or a traced one), resized (torch
     bilinear) to `out_hw` -> (out_h, out_w, C). The JAX part of every test pipeline: predict,
     evaluation, TTA, and the exported SavedModel (with symbolic sizes)."""
-    logits = inference(apply_fn, image, config.eval, int(config.model.num_classes))
+    logits = inference(apply_fn, image, config.eval, output_channels(config.model))
     if any(jax.export.is_symbolic_dim(d) for d in (*logits.shape, *out_hw)):
         return _postprocess(logits, flip, out_hw)
     return _postprocess_jit(logits, jnp.asarray(flip), out_hw=tuple(int(d) for d in out_hw))
@@ -330,18 +333,36 @@ def tta_views(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any) -> Iterator
             yield view_scores(apply_fn, view, config, (height, width), flip=flip)
 
 
+def probabilities(logits: jax.Array) -> jax.Array:
+    """Class probabilities of (..., C) logits: the softmax, or for one channel (a binary model)
+    the sigmoid, the foreground's probability (mmseg's postprocess_result and TTA)."""
+    if logits.shape[-1] == 1:
+        return jax.nn.sigmoid(logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def labels_of(scores: jax.Array, *, probs: bool, threshold: float) -> jax.Array:
+    """(H, W) int32 class ids of (H, W, C) scores (logits, or probabilities when `probs`): the
+    argmax, or for one channel 1 where the foreground probability exceeds `threshold`
+    (config.eval.threshold; mmseg's decode head `threshold`)."""
+    if scores.shape[-1] == 1:
+        fg = scores[..., 0] if probs else jax.nn.sigmoid(scores[..., 0])
+        return (fg > threshold).astype(jnp.int32)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
 @jax.jit
-def _add_softmax(total: jax.Array, logits: jax.Array) -> jax.Array:
-    return total + jax.nn.softmax(logits, axis=-1)
+def _add_probabilities(total: jax.Array, logits: jax.Array) -> jax.Array:
+    return total + probabilities(logits)
 
 
 def tta_inference(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any) -> jax.Array:
-    """mmseg multi-scale + flip TTA of one uint8 RGB image -> the softmax of its `tta_views`
-    averaged (H, W, C)."""
+    """mmseg multi-scale + flip TTA of one uint8 RGB image -> the probabilities of its
+    `tta_views` averaged (H, W, C) (softmax, or sigmoid for one channel)."""
     height, width = image_rgb.shape[:2]
-    total = jnp.zeros((height, width, int(config.model.num_classes)), jnp.float32)
+    total = jnp.zeros((height, width, output_channels(config.model)), jnp.float32)
     for logits in tta_views(apply_fn, image_rgb, config):
-        total = _add_softmax(total, logits)
+        total = _add_probabilities(total, logits)
     return total / (2 * len(config.eval.tta_scales))
 
 
@@ -361,4 +382,8 @@ def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *, resize: bo
         image = (test_image(image_rgb, data) if resize
                  else normalise(image_rgb, data.mean, data.std))
         scores = view_scores(apply_fn, image, config, (height, width))
-    return scores, jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return scores, _labels_jit(scores, probs=bool(config.eval.tta),
+                               threshold=float(config.eval.threshold))
+
+
+_labels_jit = jax.jit(labels_of, static_argnames=("probs", "threshold"))

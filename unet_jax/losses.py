@@ -49,19 +49,73 @@ def cross_entropy_per_pixel(logits: jax.Array, labels: jax.Array, *,
     return jnp.where(valid, nll, 0.0)
 
 
+def _per_sample(weight: jax.Array | None, ndim: int, dtype: Any) -> jax.Array | float:
+    """A per-sample weight (N,) shaped to broadcast against an (N, ...) array of `ndim` axes."""
+    if weight is None:
+        return 1.0
+    return jnp.asarray(weight, dtype).reshape((-1,) + (1,) * (ndim - 1))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255,
-                  avg_non_ignore: bool = False) -> jax.Array:
-    """mmseg `CrossEntropyLoss` (no class weights, loss_weight 1): scalar float32.
+                  avg_non_ignore: bool = False, class_weight: Any = None,
+                  weight: jax.Array | None = None) -> jax.Array:
+    """mmseg `CrossEntropyLoss` (softmax, loss_weight 1): scalar float32.
 
     The per-pixel sum is divided by N*H*W + eps (ignored pixels count in the denominator), or by
-    the number of non-ignored pixels + eps when `avg_non_ignore` is True.
+    the number of non-ignored pixels + eps when `avg_non_ignore` is True. `class_weight` (C,)
+    weighs each pixel's loss by its class and divides by the sum of those weights + eps instead.
+    mmseg 1.2.2 raises IndexError for any ignored pixel once class weights are set (it looks
+    up `class_weight[255]`); here ignored pixels weigh 0 in the denominator, as torch's own
+    weighted mean and mmseg's `avg_non_ignore=True` intent, so `avg_non_ignore` changes
+    nothing with class weights. `weight` (N,) weighs each sample's pixels (mmseg's element-wise
+    `weight` broadcast over the pixels; not in the denominator).
     """
     per_pixel = cross_entropy_per_pixel(logits, labels, ignore_index=ignore_index)
-    if avg_non_ignore:
-        count = jnp.sum(labels != ignore_index).astype(per_pixel.dtype)
+    valid = labels != ignore_index
+    if class_weight is not None:
+        cw = jnp.asarray(class_weight, per_pixel.dtype)
+        safe = jnp.clip(jnp.where(valid, labels, 0), 0, cw.shape[0] - 1)
+        pixel_weight = jnp.where(valid, cw[safe], 0.0)
+        per_pixel = per_pixel * pixel_weight
+        count = jnp.sum(pixel_weight)
+    elif avg_non_ignore:
+        count = jnp.sum(valid).astype(per_pixel.dtype)
     else:
         count = jnp.asarray(per_pixel.size, per_pixel.dtype)
+    per_pixel = per_pixel * _per_sample(weight, 3, per_pixel.dtype)
     return jnp.sum(per_pixel) / (count + F32_EPS)
+
+
+def binary_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255,
+                         avg_non_ignore: bool = False, pos_weight: Any = None,
+                         weight: jax.Array | None = None) -> jax.Array:
+    """mmseg `CrossEntropyLoss(use_sigmoid=True)`: per-channel sigmoid cross entropy, scalar.
+
+    With C > 1 channels the target is the one-hot label; with one channel (binary segmentation,
+    mmseg's `out_channels=1`) it is the label itself (0 or 1). Ignored pixels weigh 0. The sum
+    is divided by N*H*W*C (plain mean, ignored elements included, no eps) or, with
+    `avg_non_ignore`, by the number of non-ignored elements + eps. `pos_weight` (mmseg's
+    `class_weight` here: torch's `pos_weight`, one value per channel or a single value) weighs
+    the positive term. `weight` (N,) weighs each sample's elements, as in `cross_entropy`.
+    """
+    _check_logits_labels(logits, labels)
+    x = _float(logits)
+    num_channels = x.shape[-1]
+    labels = labels.astype(jnp.int32)
+    valid = (labels >= 0) & (labels != ignore_index)
+    safe = jnp.where(valid, labels, 0)
+    if num_channels == 1:
+        target = safe[..., None].astype(x.dtype)
+    else:
+        target = jax.nn.one_hot(safe, num_channels, dtype=x.dtype)
+    mask = jnp.broadcast_to(valid[..., None], x.shape).astype(x.dtype)
+    pw = 1.0 if pos_weight is None else jnp.asarray(pos_weight, x.dtype)
+    # torch's binary_cross_entropy_with_logits: (1 - y) x + (1 + (pw - 1) y) softplus(-x)
+    loss = (1.0 - target) * x + (1.0 + (pw - 1.0) * target) * jax.nn.softplus(-x)
+    loss = loss * mask * _per_sample(weight, 4, x.dtype)
+    if avg_non_ignore:
+        return jnp.sum(loss) / (jnp.sum(mask) + F32_EPS)
+    return jnp.mean(loss)
 
 
 def _drop_channel(x: jax.Array, index: int) -> jax.Array:
@@ -74,27 +128,41 @@ def _drop_channel(x: jax.Array, index: int) -> jax.Array:
 
 
 def dice_loss_v1(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255,
-                 eps: float = 1e-3) -> jax.Array:
-    """mmseg 1.1.2-1.2.2 `DiceLoss` defaults (sigmoid, naive_dice False), loss_weight 1
+                 eps: float = 1e-3, naive_dice: bool = False, weight: jax.Array | None = None,
+                 binary_target: str = "background") -> jax.Array:
+    """mmseg 1.1.2-1.2.2 `DiceLoss` (sigmoid, activate), loss_weight 1
     (mmseg/models/losses/dice_loss.py in 1.2.2).
 
     Labels outside [0, C) become an all-zero one-hot row, but their predictions still count.
-    Sums run per sample over C*H*W together; the result is the batch mean of 1 - dice.
+    Sums run per sample over C*H*W together; the result is the batch mean of 1 - dice, each
+    sample's term times `weight` (N,) if given. `naive_dice` is the first-power form
+    (2a + eps) / (sum p + sum t + eps) instead of V-Net's 2a / (sum p^2 + sum t^2 + 2 eps).
+    With one channel (binary segmentation) mmseg's one-hot target is the column of class 0,
+    the background, against the sigmoid that its CE and its prediction read as the foreground
+    (a bug): `binary_target="background"` keeps that, "foreground" compares with label == 1.
     """
     _check_logits_labels(logits, labels)
     num_classes = logits.shape[-1]
     pred = jax.nn.sigmoid(_float(logits))
-    clamped = jnp.clip(labels.astype(jnp.int32), 0, num_classes)
-    target = jax.nn.one_hot(clamped, num_classes + 1, dtype=pred.dtype)[..., :num_classes]
+    labels = labels.astype(jnp.int32)
+    if num_classes == 1 and binary_target == "foreground":
+        target = (labels == 1)[..., None].astype(pred.dtype)
+    else:
+        clamped = jnp.clip(labels, 0, num_classes)
+        target = jax.nn.one_hot(clamped, num_classes + 1, dtype=pred.dtype)[..., :num_classes]
     pred = _drop_channel(pred, ignore_index)
     target = _drop_channel(target, ignore_index)
     n = pred.shape[0]
     pred = pred.reshape(n, -1)
     target = target.reshape(n, -1)
     a = jnp.sum(pred * target, axis=1)
-    b = jnp.sum(pred * pred, axis=1) + eps
-    c = jnp.sum(target * target, axis=1) + eps
-    return jnp.mean(1.0 - 2.0 * a / (b + c))
+    if naive_dice:
+        dice = (2.0 * a + eps) / (jnp.sum(pred, axis=1) + jnp.sum(target, axis=1) + eps)
+    else:
+        b = jnp.sum(pred * pred, axis=1) + eps
+        c = jnp.sum(target * target, axis=1) + eps
+        dice = 2.0 * a / (b + c)
+    return jnp.mean((1.0 - dice) * _per_sample(weight, 1, pred.dtype))
 
 
 def dice_loss_legacy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255,
@@ -131,36 +199,51 @@ def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255
 
 
 def segmentation_loss(decode_logits: jax.Array, aux_logits: jax.Array | None, labels: jax.Array,
-                      loss_cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      loss_cfg: Any, sample_weight: jax.Array | None = None,
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The EncoderDecoder training objective and the terms mmseg logs
     (mmseg/models/decode_heads/decode_head.py loss_by_feat; mmengine BaseModel.parse_losses).
 
-    `loss_cfg` is `config.loss` (read at trace time; validated by `check_config`). Both logits are bilinearly resized to the
-    label size first. Returns (total, terms) with terms `decode.loss_ce`, [`decode.loss_dice`,]
-    [`aux.loss_ce`,] `decode.acc_seg`[, `aux.acc_seg`], weights applied; total sums the losses.
+    `loss_cfg` is `config.loss` (read at trace time; validated by `check_config`). Both logits
+    are bilinearly resized to the label size first. CE is the softmax one, or the sigmoid one
+    with `use_sigmoid` or one output channel (binary; `class_weight` is then its pos_weight);
+    the decode and auxiliary heads share the CE options, as mmseg configs that set them on both.
+    `sample_weight` (N,) weighs each sample in every term (mmseg's `weight` argument, which its
+    legacy Dice drops, as here). Returns (total, terms) with terms `decode.loss_ce`,
+    [`decode.loss_dice`,] [`aux.loss_ce`,] `decode.acc_seg`[, `aux.acc_seg`], weights applied;
+    total sums the losses. With one channel `acc_seg` is, as mmseg's top-1 of one channel, the
+    percentage of pixels labelled 0.
     """
-    name, dice_form = loss_cfg.name, loss_cfg.dice_form
-    ignore_index, avg_non_ignore = loss_cfg.ignore_index, loss_cfg.avg_non_ignore
-    ce_weight, dice_weight = loss_cfg.ce_weight, loss_cfg.dice_weight
-    aux_weight = loss_cfg.aux_weight
-
+    c = loss_cfg
     if labels.ndim != 3:
         raise ValueError(f"labels must be (N, H, W); found shape {tuple(labels.shape)}")
     labels = labels.astype(jnp.int32)
     hw = (labels.shape[1], labels.shape[2])
+    binary = decode_logits.shape[-1] == 1
+    class_weight = tuple(c.class_weight) or None
+    common = dict(ignore_index=c.ignore_index, avg_non_ignore=c.avg_non_ignore,
+                  weight=sample_weight)
+
+    def ce(logits: jax.Array) -> jax.Array:
+        if c.use_sigmoid or binary:
+            return binary_cross_entropy(logits, labels, pos_weight=class_weight, **common)
+        return cross_entropy(logits, labels, class_weight=class_weight, **common)
 
     terms: dict[str, jax.Array] = {}
     dec = resize_logits_to(_float(decode_logits), hw)
-    terms["decode.loss_ce"] = ce_weight * cross_entropy(
-        dec, labels, ignore_index=ignore_index, avg_non_ignore=avg_non_ignore)
-    if name == "ce_dice":
-        dice_fn = dice_loss_legacy if dice_form == "legacy" else dice_loss_v1
-        terms["decode.loss_dice"] = dice_weight * dice_fn(dec, labels, ignore_index=ignore_index)
-    terms["decode.acc_seg"] = pixel_accuracy(dec, labels, ignore_index=ignore_index)
+    terms["decode.loss_ce"] = c.ce_weight * ce(dec)
+    if c.name == "ce_dice":
+        if c.dice_form == "legacy" and not binary:
+            dice = dice_loss_legacy(dec, labels, ignore_index=c.ignore_index)
+        else:
+            dice = dice_loss_v1(dec, labels, ignore_index=c.ignore_index,
+                                naive_dice=c.naive_dice, weight=sample_weight,
+                                binary_target=c.dice_binary_target)
+        terms["decode.loss_dice"] = c.dice_weight * dice
+    terms["decode.acc_seg"] = pixel_accuracy(dec, labels, ignore_index=c.ignore_index)
     if aux_logits is not None:
         aux = resize_logits_to(_float(aux_logits), hw)
-        terms["aux.loss_ce"] = aux_weight * cross_entropy(
-            aux, labels, ignore_index=ignore_index, avg_non_ignore=avg_non_ignore)
-        terms["aux.acc_seg"] = pixel_accuracy(aux, labels, ignore_index=ignore_index)
+        terms["aux.loss_ce"] = c.aux_weight * ce(aux)
+        terms["aux.acc_seg"] = pixel_accuracy(aux, labels, ignore_index=c.ignore_index)
     total = sum(v for k, v in terms.items() if "loss" in k)
     return total, terms

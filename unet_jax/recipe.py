@@ -85,6 +85,8 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         base_channels=64,        # backbone width; head widths follow it (see head_channels)
         head_channels=0,         # decode-head width; 0 = follow base_channels (FCN x1, PSP/ASPP x1/4)
         num_classes=None,
+        out_channels=0,          # logits per pixel: 0 = num_classes; 1 = binary (2 classes: one
+                                 # sigmoid channel, sigmoid CE, foreground above eval.threshold)
         in_channels=3,
         num_stages=5,
         strides=(1, 1, 1, 1, 1),
@@ -109,6 +111,12 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         aux_weight=0.4,
         avg_non_ignore=False,    # mmseg's CE divides by all pixels, ignored ones included
         ignore_index=255,
+        class_weight=(),         # CE weight per class (mmseg class_weight); () = none; with
+                                 # model.out_channels 1: one value, the foreground's pos_weight
+        use_sigmoid=False,       # CE as per-channel sigmoid cross entropy (mmseg use_sigmoid)
+        naive_dice=False,        # Dice (dice_form v1) as (2a + eps) / (sum p + sum t + eps)
+        dice_binary_target="background",  # model.out_channels 1: mmseg 1.2.2's Dice compares
+                                 # the sigmoid with class 0 (a bug, kept) | foreground (label 1)
     ))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=None,
@@ -149,6 +157,7 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         stride=None,
         tta=False,               # multi-scale + flip test-time augmentation
         tta_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+        threshold=0.3,           # model.out_channels 1: foreground where the sigmoid exceeds it
         batch_windows=64,        # slide windows per compiled call
         max_images=0,            # 0 = the whole validation split
         metric=None,             # the summary key that picks the best checkpoint

@@ -13,7 +13,7 @@ min of two ratios, rounded), so the resize to it, and to the TTA views' sizes, i
 * `segment`: the resize, then the JAX pipeline (`scores_fn`: normalise, slide or whole
   inference, logits flipped back and resized to the image's size, all with symbolic sizes), and
   with TTA the loop over mmseg's multi-scale + flip views, merged in probability space;
-* `first_argmax`: the labels.
+* `first_argmax`: the labels (a binary model's: the sigmoid above `eval.threshold`).
 """
 from __future__ import annotations
 
@@ -109,16 +109,28 @@ def segment(scores_fn: ScoresFn, image: tf.Tensor, config: Any) -> tuple[tf.Tens
     if not config.eval.tta:
         resized = resize_uint8(image, *rescale_size(height, width, tuple(config.data.img_scale)))
         scores = scores_fn(resized, image, tf.constant(False))
-        return scores, first_argmax(scores)
+        return scores, _labels(scores, config, probabilities=False)
     total = 0.0
     scales = tuple(float(r) for r in config.eval.tta_scales)
     for ratio in scales:
         resized = resize_uint8(image, *tta_view_size(height, width, ratio))
         for flip in (False, True):
             view = tf.reverse(resized, [1]) if flip else resized
-            total += tf.nn.softmax(scores_fn(view, image, tf.constant(flip)), axis=-1)
+            logits = scores_fn(view, image, tf.constant(flip))
+            total += (tf.sigmoid(logits) if logits.shape[-1] == 1
+                      else tf.nn.softmax(logits, axis=-1))
     scores = total / (2 * len(scales))
-    return scores, first_argmax(scores)
+    return scores, _labels(scores, config, probabilities=True)
+
+
+def _labels(scores: tf.Tensor, config: Any, *, probabilities: bool) -> tf.Tensor:
+    """`inference.labels_of` in TensorFlow: the first argmax, or for a binary model (one
+    channel; the channel count is static) 1 where the foreground probability exceeds
+    config.eval.threshold."""
+    if scores.shape[-1] != 1:
+        return first_argmax(scores)
+    fg = scores[..., 0] if probabilities else tf.sigmoid(scores[..., 0])
+    return tf.cast(fg > float(config.eval.threshold), tf.uint8)
 
 
 def first_argmax(scores: tf.Tensor) -> tf.Tensor:

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from unet_jax.losses import segmentation_loss
+from unet_jax.models.segmentor import output_channels
 from unet_jax.optim import make_optimizer, poly_schedule
 
 MODEL, OPTIMIZER, LOGS = 0, 1, 2  # positions in the split state
@@ -100,7 +101,7 @@ def _addressable(x: Any) -> Any:
 
 def log_names(config: Any) -> tuple[str, ...]:
     """The names the step logs: `loss` and the loss terms of `config.loss`, in a fixed order."""
-    c = config.model.num_classes
+    c = output_channels(config.model)
     h = w = 32
     dec = jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)
     aux = jax.ShapeDtypeStruct((1, h // 2, w // 2, c), jnp.float32) if config.model.aux else None

@@ -10,7 +10,8 @@ DIR must not exist or be empty. Its `serving_default` signature takes
 
 and returns
 
-    labels: uint8 [H, W]      the argmax of scores (ties: the lowest class id)
+    labels: uint8 [H, W]      the argmax of scores (ties: the lowest class id); a binary model
+                              (model.out_channels=1): 1 where the sigmoid > eval.threshold
     scores: float32 [H, W, C] what `unet_jax.predict --save_logits` writes: the window-averaged
                               logits at the image's size; with --config.eval.tta=True the
                               view-averaged probabilities

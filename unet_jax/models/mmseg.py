@@ -74,8 +74,13 @@ def describe_checkpoint(sd: Mapping[str, np.ndarray]) -> str:
                         sd.get("decode_head.convs.0.conv.weight"))
     channels = int(bottleneck.shape[0]) if bottleneck is not None else "unknown"
     dataset = "configs/cityscapes.py" if classes == 19 else "a retinal config (configs/drive.py ...)"
+    if classes == 1:  # mmseg's binary decode head (out_channels=1, sigmoid)
+        classes = "1 output channel (binary)"
+        dataset += " and --config.model.out_channels=1"
+    else:
+        classes = f"{classes} classes"
     return (f"the checkpoint holds a {head} decode head ({channels} channels) with {classes} "
-            f"classes and base_channels {width}: use {dataset} with ':{head},ce' (plus "
+            f"and base_channels {width}: use {dataset} with ':{head},ce' (plus "
             f"--config.model.base_channels={width} --config.model.head_channels={channels} "
             f"if the widths differ from the zoo's 64 and {64 if head == 'fcn' else 16})")
 

@@ -59,6 +59,12 @@ def head_channels(head: str, base_channels: int) -> int:
     return base_channels if head == "fcn" else max(base_channels // 4, 1)
 
 
+def output_channels(model_cfg: Any) -> int:
+    """The logits per pixel of `config.model`: num_classes, or 1 for a binary model (one
+    sigmoid channel; mmseg's decode head `out_channels=1`)."""
+    return int(model_cfg.out_channels or model_cfg.num_classes)
+
+
 def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> EncoderDecoder:
     """Build the segmentor described by `config.model` (see `unet_jax.recipe`)."""
     rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
@@ -77,19 +83,20 @@ def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) 
         enc_dilations=tuple(m.enc_dilations), dec_dilations=tuple(m.dec_dilations),
         with_cp=m.with_cp, norm_eval=m.norm_eval, dtype=dtype, rngs=rngs)
     channels = m.head_channels or head_channels(m.head, base)
+    out = output_channels(m)
     decode_index = m.num_stages - 1
     common = dict(in_index=decode_index, dropout_ratio=m.dropout_ratio, dtype=dtype, rngs=rngs)
     if m.head == "fcn":
-        decode = FCNHead(base, channels, m.num_classes, num_convs=1, concat_input=False,
+        decode = FCNHead(base, channels, out, num_convs=1, concat_input=False,
                          **common)
     elif m.head == "pspnet":
-        decode = PSPHead(base, channels, m.num_classes, pool_scales=tuple(m.pool_scales),
+        decode = PSPHead(base, channels, out, pool_scales=tuple(m.pool_scales),
                          **common)
     else:
-        decode = ASPPHead(base, channels, m.num_classes, dilations=tuple(m.dilations), **common)
+        decode = ASPPHead(base, channels, out, dilations=tuple(m.dilations), **common)
     aux = None
     if m.aux:
-        aux = FCNHead(base * 2, base, m.num_classes, in_index=decode_index - 1, num_convs=1,
+        aux = FCNHead(base * 2, base, out, in_index=decode_index - 1, num_convs=1,
                       concat_input=False, dropout_ratio=m.dropout_ratio, dtype=dtype, rngs=rngs)
     return EncoderDecoder(backbone, decode, aux)
 
