@@ -213,7 +213,8 @@ def map_label(raw: np.ndarray, values: Sequence[Any], ignore: int | None,
                       "pixels)" for i in order)
     more = f" and {len(found) - 4} more" if len(found) > 4 else ""
     kind = "colour" if colour else "value"
-    ignored = "no ignore value" if ignore is None else f"the ignore value {ignore}"
+    ignored = ("no ignore value" if ignore is None else
+               f"the ignore value {(ignore,) * 3 if colour else ignore}")
     return out, (f"{where}: label {kind} {shown}{more} is no class (data.label_values "
                  f"{tuple(values)}) and not {ignored}")
 
