@@ -191,9 +191,9 @@ def test_browse_benchmark_input_and_segmenter_on_a_colour_set(tmp_path):
 
     rng = np.random.default_rng(7)
     palette = np.array(COLOURS, np.uint8)
-    write_set(tmp_path / "set", {split: {f"c{i}": Image.fromarray(palette[classes_map(rng, 3, 32, 32)])
-                                         for i in range(2)} for split in ("train", "val")},
-              size=(32, 32))
+    labels = {split: {f"c{i}": Image.fromarray(palette[classes_map(rng, 3, 32, 32)])
+                      for i in range(2)} for split in ("train", "val")}
+    write_set(tmp_path / "set", labels, size=(32, 32))
     config = config_for(tmp_path / "set", tmp_path, data__label_values=COLOURS,
                         data__classes=("bg", "red", "green"), train__batch_size=2)
     written = browse(config, tmp_path / "browse", num=2, progress=False)

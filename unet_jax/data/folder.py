@@ -156,8 +156,8 @@ def find_items(data: Any) -> tuple[list[Item], list[str]]:
         where = (_folder(data, "train_images") if val_stems or split == "train"
                  else _folder(data, "val_images"))
         if not imgs and where.is_dir():
-            problems.append(f"{where}: the {split} split is empty (no image files"
-                            f"{' of data.val_stems' if val_stems and split == 'validation' else ''})")
+            which = " of data.val_stems" if val_stems and split == "validation" else ""
+            problems.append(f"{where}: the {split} split is empty (no image files{which})")
     if fovs is not None and not val_stems:
         both = sorted({i.stem for i in items if i.split == "train"}
                       & {i.stem for i in items if i.split == "validation"})

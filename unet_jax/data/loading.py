@@ -5,8 +5,8 @@
 split as a `tf.data.Dataset` (the public TFDS contract; the library itself reads the records).
 
 Every dataset is one row of `DATASETS`: its TFDS builder name (none for `folder`, the user's
-own folder of images and labels, which `unet_jax.data.folder` checks and writes as records), what `manual_dir` must hold
-(`None`: nothing, the data are generated), the archives that must be there, how its examples
+own folder of images and labels, which `unet_jax.data.folder` checks and writes as records), what
+`manual_dir` must hold (`None`: nothing, the data are generated), the archives that must be there, how its examples
 map onto the common features, and what its `fov` feature holds (`None`: no field-of-view masks,
 no FOV metrics). Nothing else in the library knows a dataset by name.
 """
