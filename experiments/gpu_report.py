@@ -68,11 +68,11 @@ def make_bundle(bundle: Path, drive_dir: Path) -> None:
         raise SystemExit(f"gpu_report: {bundle} exists and is not empty; remove it or choose "
                          "another --bundle")
     with tempfile.TemporaryDirectory(prefix="gpu_report_tfds-") as tfds_dir:
-        builder = loading.prepare({"name": "drive", "manual_dir": str(drive_dir),
+        prepared = loading.prepare({"name": "drive", "manual_dir": str(drive_dir),
                                    "tfds_data_dir": tfds_dir})
         (bundle / "DRIVE").mkdir(parents=True)
         for split in loading.RECORD_SPLITS:
-            shutil.copy(records.split_path(loading.records_dir(builder), split),
+            shutil.copy(records.split_path(prepared, split),
                         records.split_path(bundle / "DRIVE", split))
     pylib = bundle / "pylib"
     pylib.mkdir(parents=True)

@@ -18,7 +18,7 @@ import ml_collections
 from unet_jax.errors import ConfigError, UserError, one_line
 from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES
 
-DATASET_NAMES = ("drive", "stare", "chase_db1", "hrf", "cityscapes", "synthetic")
+DATASET_NAMES = ("drive", "stare", "chase_db1", "hrf", "cityscapes", "synthetic", "folder")
 # Datasets whose builder takes options from a section of `data` (unet_jax.data.loading.DATASETS).
 DATASET_OPTIONS = {"synthetic": ("image_size", "num_train", "num_validation", "seed")}
 DTYPE_NAMES = ("float32", "bfloat16", "float64")
@@ -241,6 +241,7 @@ def check_config(config: Any) -> ml_collections.ConfigDict:
     """Validate every field of `config` (types, ranges, enums, consistency); returns it.
 
     Raises one `ConfigError` naming the first bad field, what it expects and what it holds.
+    A folder dataset's fields left to the data are filled first (`data.folder.complete_config`).
     """
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config: expected an ml_collections.ConfigDict, found "
@@ -254,6 +255,8 @@ def check_config(config: Any) -> ml_collections.ConfigDict:
         if _get(config, field) is None:
             raise ConfigError(f"config field {field} is not set: a dataset config must give it "
                               "(see configs/drive.py)")
+    if config.data.name == "folder":
+        _check_folder(config)
     _check_model(config)
     _check_loss(config)
     _check_train(config)
@@ -392,6 +395,46 @@ def _check_data(c: Any) -> None:
     name = c.data.name
     for key in DATASET_OPTIONS.get(name, ()):
         _int(c, f"data.{name}.{key}", 0 if key == "seed" else 1)
+
+
+def _check_folder(c: Any) -> None:
+    """The folder dataset's own fields, then what `configs/folder.py` leaves to the data."""
+    _str(c, "data.root", allow_empty=False)
+    for field in ("train_images", "train_labels", "val_images", "val_labels", "image_suffix",
+                  "label_suffix", "fov_labels"):
+        _str(c, f"data.{field}")
+    for field in ("train_images", "train_labels"):
+        _str(c, f"data.{field}", allow_empty=False)
+    stems = _get(c, "data.val_stems")
+    if not isinstance(stems, (tuple, list)) or not all(
+            isinstance(s, (str, int)) and not isinstance(s, bool) for s in stems):
+        raise _fail("data.val_stems", "a tuple of file stems, e.g. ('20', '21')", stems)
+    if not stems:
+        _str(c, "data.val_images", allow_empty=False)
+        _str(c, "data.val_labels", allow_empty=False)
+    classes = _get(c, "data.classes")
+    if (not isinstance(classes, (tuple, list)) or len(classes) < 2
+            or not all(isinstance(n, str) and n for n in classes)):
+        raise _fail("data.classes", "2 or more class names", classes)
+    values = _get(c, "data.label_values")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535
+               for v in values) if isinstance(values, (tuple, list)) else False
+    rgbs = isinstance(values, (tuple, list)) and all(
+        isinstance(v, (tuple, list)) and len(v) == 3
+        and all(isinstance(x, int) and 0 <= x <= 255 for x in v) for v in values)
+    if not (ints or rgbs) or (values and len(values) != len(classes)) or len(
+            {tuple(v) if isinstance(v, (tuple, list)) else v for v in values}) != len(values):
+        raise _fail("data.label_values", f"{len(classes)} distinct class values (data.classes), "
+                    "each an int (grey or palette index) or an (R, G, B) triple", values)
+    _int(c, "data.ignore_value", -1, 65535)
+    if c.data.fov_labels and len(classes) != 2:
+        raise _fail("data.fov_labels", "no field-of-view masks unless there are 2 classes "
+                    "(background, foreground: the vessel metrics)", c.data.fov_labels)
+    for field in ("data.image_size", "data.img_scale", "data.crop_size", "eval.crop_size",
+                  "eval.stride"):
+        _ints(c, field, 2, minimum=0)  # (0, 0): derived from the images
+    from unet_jax.data import folder  # pylint: disable=import-outside-toplevel  # reads files
+    folder.complete_config(c)
 
 
 def _check_eval(c: Any) -> None:

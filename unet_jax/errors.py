@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 
 class UserError(Exception):
@@ -23,6 +24,15 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A dataset file or layout is not what the builder expects."""
+
+
+class DataProblems(DataError):
+    """Several dataset problems found at once (a folder dataset's checks): `problems` holds one
+    line per problem, each naming its file; the command lines print every line."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class CheckpointError(UserError, ValueError):

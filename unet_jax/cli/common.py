@@ -114,7 +114,8 @@ def report(prog: str, err: BaseException) -> None:
         message = f"{where}{err.strerror}"
     else:
         message = one_line(err)
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    for line in getattr(err, "problems", None) or (message,):  # DataProblems: one line each
+        print(f"{prog}: error: {line}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 
 

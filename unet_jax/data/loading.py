@@ -4,8 +4,9 @@
 (`unet_jax.data.records`); `source` opens a split's records; `load_split` is the TFDS view of a
 split as a `tf.data.Dataset` (the public TFDS contract; the library itself reads the records).
 
-Every dataset is one row of `DATASETS`: its TFDS builder name, what `manual_dir` must hold
-(`None`: nothing, the data are generated), the archives that must be there, how its examples
+Every dataset is one row of `DATASETS`: its TFDS builder name (none for `folder`, the user's
+own folder of images and labels, which `unet_jax.data.folder` checks and writes as records), what
+`manual_dir` must hold (`None`: nothing, the data are generated), the archives that must be there, how its examples
 map onto the common features, and what its `fov` feature holds (`None`: no field-of-view masks,
 no FOV metrics). Nothing else in the library knows a dataset by name.
 """
@@ -23,7 +24,7 @@ import tensorflow_datasets as tfds
 
 from unet_jax.config import DATASET_NAMES
 from unet_jax.errors import DataError, storage_error
-from unet_jax.data import cityscapes, records
+from unet_jax.data import cityscapes, folder, records
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
 from unet_jax.data.builders.common import check_manual_dir, data_error
 from unet_jax.data.synthetic import Synthetic, synthetic_config
@@ -39,6 +40,7 @@ class DatasetSpec:
     options: Callable[[Any], tfds.core.BuilderConfig] | None = None  # builder config from data
     fov: str | None = None                # what the `fov` feature holds; None: no such feature
     image_feature: str = "image"          # the builder's image feature (stored encoded as is)
+    records: Callable[[Any], Path] | None = None  # writes its records itself (no TFDS builder)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -53,6 +55,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
         "synthetic", None, options=lambda data: synthetic_config(**dict(data.synthetic)),
         fov=Synthetic.FOV),
+    "folder": DatasetSpec("", None, fov=folder.FOV, records=folder.prepare),
 }
 assert tuple(sorted(DATASETS)) == tuple(sorted(DATASET_NAMES)), "config.DATASET_NAMES is stale"
 NAMES = tuple(DATASETS)
@@ -72,6 +75,9 @@ def get_builder(data: Any) -> tfds.core.DatasetBuilder:
     """
     data = _data(data)
     spec = DATASETS[data.name]
+    if spec.records is not None:
+        raise DataError(f"data.name {data.name!r}: no TFDS builder; its records are read with "
+                        "unet_jax.data.source")
     if spec.options is not None:
         return tfds.builder(spec.tfds_name, data_dir=data.tfds_data_dir,
                             config=spec.options(data))
@@ -95,15 +101,17 @@ def records_dir(builder: tfds.core.DatasetBuilder) -> Path:
     return Path(builder.data_dir) / "records"
 
 
-def prepare(data: Any) -> tfds.core.DatasetBuilder:
+def prepare(data: Any) -> Path:
     """Build the dataset into `data.tfds_data_dir` and write its records, unless they are there
-    already; returns the builder.
+    already; returns the records folder.
 
     TFDS writes into a temporary folder and renames it when done, and each records file is
     renamed into place once complete, so an interrupted preparation is never taken for a
     finished one: the next call prepares (or writes the records) again.
     """
     data = _data(data)
+    if DATASETS[data.name].records is not None:
+        return DATASETS[data.name].records(data)
     builder = get_builder(data)
     try:
         if not builder.is_prepared():
@@ -119,7 +127,7 @@ def prepare(data: Any) -> tfds.core.DatasetBuilder:
         if reason is None:
             raise
         raise DataError(f"{builder.data_dir}: cannot prepare {data.name} there: {reason}") from err
-    return builder
+    return records_dir(builder)
 
 
 def _build(builder: tfds.core.DatasetBuilder, data: Any) -> None:
@@ -154,8 +162,7 @@ def source(data: Any, split: str) -> records.RecordSource:
     (H, W) where `DATASETS[name].fov` says so."""
     if split not in RECORD_SPLITS:
         raise ValueError(f"split: expected one of {RECORD_SPLITS}, found {split!r}")
-    builder = prepare(_data(data))
-    return records.RecordSource(records.split_path(records_dir(builder), split))
+    return records.RecordSource(records.split_path(prepare(_data(data)), split))
 
 
 def load_split(data: Any, split: str, *, shuffle_files: bool = False,
@@ -170,7 +177,8 @@ def load_split(data: Any, split: str, *, shuffle_files: bool = False,
     train ids) must stay decoded.
     """
     data = _data(data)
-    return _as_dataset(prepare(data), data, split, shuffle_files=shuffle_files,
+    prepare(data)
+    return _as_dataset(get_builder(data), data, split, shuffle_files=shuffle_files,
                        read_config=read_config, decoders=decoders)
 
 

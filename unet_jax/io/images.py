@@ -168,3 +168,36 @@ def decode_grey(data: bytes, where: str | Path) -> np.ndarray:
         found = "undecodable bytes" if grey is None else f"{grey.dtype} {grey.shape}"
         raise ImageReadError(f"{where}: expected a uint8 one-channel PNG, found {found}")
     return grey
+
+
+def read_label(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The raw values of a label file, as mmseg's `LoadAnnotations` reads them (PIL, unchanged):
+    (H, W) for grey, 16-bit and palette images (a palette PNG gives its indices, not its
+    colours: cv2 would expand it to BGR), (H, W, 3) RGB for colour images (alpha dropped).
+
+    Raises `ImageReadError` naming the file if it cannot be read or decoded, holds float
+    samples, or declares more than `max_pixels` pixels.
+    """
+    from PIL import Image  # pylint: disable=import-outside-toplevel  # Pillow keeps palette indices
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot read: {err.strerror or err}") from err
+    _declared_size(io.BytesIO(data), path, max_pixels)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode == "F":
+                raise ImageReadError(f"{path}: label holds float samples; expected integer "
+                                     "class values (8- or 16-bit grey, palette or RGB)")
+            if img.mode == "1":
+                return np.asarray(img.convert("L"))
+            if img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                return np.asarray(img).copy()
+            if img.mode in ("LA", "PA"):
+                return np.asarray(img)[:, :, 0].copy()
+            return np.asarray(img.convert("RGB")).copy()
+    except ImageReadError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- PIL's decoders raise many types on bad data
+        raise ImageReadError(f"{path}: cannot read as a label image: {err}") from err
