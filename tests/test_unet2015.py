@@ -92,3 +92,80 @@ def test_forward_is_deterministic_without_key_and_dropout_changes_it():
     assert a.shape == (1, 4, 4, 2) and np.array_equal(np.asarray(a), np.asarray(b))
     c = model(x, dropout_key=jax.random.key(0))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+# ------------------------------------------------------------------------------ wiring
+def _config(**eval_fields):
+    from tests.tiny_config import get_config
+    from unet_jax import recipe
+    config = recipe.unet2015(get_config())
+    config.model.base_channels = 2
+    config.data.crop_size = (188, 188)
+    config.eval.crop_size = (188, 188)
+    config.eval.update(eval_fields)
+    return config
+
+
+def test_model_name_selects_the_original_unet_with_one_grey_channel():
+    from unet_jax.config import check_config
+    from unet_jax.models.segmentor import Original2015, build_model
+    config = check_config(_config())
+    model = build_model(config.model)
+    assert isinstance(model, Original2015) and model.net.dropout_rate == 0.5
+    grey = np.random.default_rng(0).standard_normal((1, 188, 188, 1)).astype(np.float32)
+    rgb = jnp.asarray(np.repeat(grey, 3, axis=-1))
+    logits, aux = model(rgb)
+    assert aux is None and logits.shape == (1, 4, 4, 2)
+    assert np.array_equal(np.asarray(model.predict(rgb)), np.asarray(model.net(grey)))
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("data.crop_size", (512, 512), ["data.crop_size", "508 / 524"]),
+    ("eval.crop_size", (572, 573), ["eval.crop_size", "572 / 588"]),
+    ("eval.mode", "slide", ["eval.mode", "overlap_tile"]),
+    ("model.aux", True, ["model.aux"]),
+])
+def test_config_refuses_what_the_original_unet_cannot_run(field, value, words):
+    from unet_jax.config import check_config, set_field
+    from unet_jax.errors import ConfigError
+    config = _config()
+    set_field(config, field, value)
+    with pytest.raises(ConfigError) as err:
+        check_config(config)
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+# ------------------------------------------------------------------------------ overlap-tile
+@pytest.fixture(scope="module")
+def tiny_apply():
+    from unet_jax.inference import make_apply_fn
+    from unet_jax.models.segmentor import build_model
+    config = _config()
+    return config, make_apply_fn(build_model(config.model, seed=3))
+
+
+def test_overlap_tile_on_one_tile_is_the_plain_forward_of_the_mirrored_image(tiny_apply):
+    from unet_jax.inference import inference
+    config, apply_fn = tiny_apply
+    image = np.random.default_rng(1).standard_normal((4, 3, 3)).astype(np.float32)
+    got = np.asarray(inference(apply_fn, image, config.eval, 2))
+    mirrored = np.pad(image, ((92, 92), (92, 93), (0, 0)), mode="reflect")  # 3 -> 4 wide tile
+    want = np.asarray(apply_fn(mirrored[None]))[0, :4, :3]
+    assert got.shape == (4, 3, 2) and np.array_equal(got, want)
+
+
+def test_overlap_tile_output_tiles_do_not_overlap_and_cover_any_size(tiny_apply):
+    """A 9 x 6 image on 4 x 4 output tiles: 3 x 2 tiles, each the forward of its own mirrored
+    context; the tiles are batched (2 per call) and dummy-filled."""
+    from unet_jax.inference import overlap_tile_inference
+    _, apply_fn = tiny_apply
+    image = np.random.default_rng(2).standard_normal((9, 6, 3)).astype(np.float32)
+    got = np.asarray(overlap_tile_inference(apply_fn, image, (188, 188), 2, batch_windows=4))
+    padded = np.pad(image, ((92, 92 + 3), (92, 92 + 2), (0, 0)), mode="reflect")
+    for ty in range(3):
+        for tx in range(2):
+            window = padded[4 * ty:4 * ty + 188, 4 * tx:4 * tx + 188]
+            want = np.asarray(apply_fn(window[None]))[0]
+            tile = got[4 * ty:4 * ty + 4, 4 * tx:4 * tx + 4]
+            np.testing.assert_array_equal(tile, want[:tile.shape[0], :tile.shape[1]])

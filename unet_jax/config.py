@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from unet_jax.errors import ConfigError, UserError, one_line
-from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES
+from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES, MODELS
 
 DATASET_NAMES = ("drive", "stare", "chase_db1", "hrf", "cityscapes", "synthetic")
 # Datasets whose builder takes options from a section of `data` (unet_jax.data.loading.DATASETS).
@@ -267,12 +267,37 @@ def check_config(config: Any) -> ml_collections.ConfigDict:
     return config
 
 
+def _original(c: Any) -> bool:
+    """Whether the config's model is the original 2015 U-Net (`model.name` "unet2015")."""
+    return c.model.get("name", "unet_s5_d16") == "unet2015"
+
+
+def _tile(c: Any, field: str) -> None:
+    """An input tile of the original U-Net: both sides 60 + 16 b (b >= 8), else one line
+    naming the nearest valid sides."""
+    from unet_jax.models.unet2015 import check_input_size
+
+    size = _ints(c, field, 2)
+    try:
+        check_input_size(*size)
+    except ValueError as err:
+        raise ConfigError(f"config field {field}: {err}") from err
+
+
 def _check_model(c: Any) -> None:
+    if "name" in c.model:
+        _choice(c, "model.name", MODELS)
     _choice(c, "model.head", HEADS)
     _int(c, "model.base_channels", 1)
     _int(c, "model.head_channels", 0)
     _int(c, "model.num_classes", 2, 255)
-    _int(c, "model.in_channels", 3, 3)
+    if _original(c):
+        _int(c, "model.in_channels", 1, 3)  # 1: the grey channel of an RGB-decoded image
+        if _get(c, "model.aux"):
+            raise _fail("model.aux", "False for model.name unet2015 (it has no auxiliary "
+                        "head)", True)
+    else:
+        _int(c, "model.in_channels", 3, 3)
     stages = _int(c, "model.num_stages", 2)
     for field, length in (("strides", stages), ("enc_num_convs", stages),
                           ("enc_dilations", stages), ("dec_num_convs", stages - 1),
@@ -304,6 +329,13 @@ def _check_loss(c: Any) -> None:
         _float(c, f"loss.{field}", 0.0)
     _bool(c, "loss.avg_non_ignore")
     _int(c, "loss.ignore_index", 0, 255)
+    if "weight_map" in c.loss:  # the original U-Net's weighted cross-entropy (optional section)
+        if not _original(c) or _get(c, "loss.name") != "ce":
+            raise _fail("loss.weight_map", "a section only with model.name unet2015 and loss.name "
+                        "ce", dict(c.loss.weight_map))
+        _int(c, "loss.weight_map.cell_class", 0, _get(c, "model.num_classes") - 1)
+        _float(c, "loss.weight_map.w0", 0.0)
+        _float(c, "loss.weight_map.sigma", 0.0, low_open=True)
 
 
 def _check_train(c: Any) -> None:
@@ -338,7 +370,9 @@ def _check_data(c: Any) -> None:
     _ints(c, "data.img_scale", 2)
     crop = _ints(c, "data.crop_size", 2)
     rate = _rate(c)
-    if crop[0] % rate or crop[1] % rate:
+    if _original(c):
+        _tile(c, "data.crop_size")
+    elif crop[0] % rate or crop[1] % rate:
         raise _fail("data.crop_size", f"training crop sides that are multiples of the UNet's "
                     f"downsample rate {rate}", crop)
     lo, hi = _floats(c, "data.ratio_range", 2)
@@ -362,14 +396,28 @@ def _check_data(c: Any) -> None:
         raise _fail("data.palette", f"{num_classes} RGB colours of 0..255", palette)
     _bool(c, "data.host_shard")
     _int(c, "data.workers", 0)
+    if "elastic" in c.data:  # the original U-Net's augmentation (optional section)
+        _int(c, "data.elastic.grid_points", 2)
+        _float(c, "data.elastic.sigma", 0.0)
+        _float(c, "data.elastic.max_angle", 0.0, 180.0)
+        for field in ("gain", "offset"):
+            lo, hi = _floats(c, f"data.elastic.{field}", 2)
+            if lo > hi or (field == "gain" and lo <= 0):
+                raise _fail(f"data.elastic.{field}", "(low, high) with low <= high"
+                            + (" and low > 0" if field == "gain" else ""), (lo, hi))
     name = c.data.name
     for key in DATASET_OPTIONS.get(name, ()):
         _int(c, f"data.{name}.{key}", 0 if key == "seed" else 1)
 
 
 def _check_eval(c: Any) -> None:
-    _choice(c, "eval.mode", ("slide", "whole"))
+    mode = _choice(c, "eval.mode", ("slide", "whole", "overlap_tile"))
     _ints(c, "eval.crop_size", 2)
+    if _original(c) != (mode == "overlap_tile"):
+        raise _fail("eval.mode", "overlap_tile with model.name unet2015 (its output is smaller "
+                    "than its input), slide or whole with the zoo's UNet", mode)
+    if mode == "overlap_tile":
+        _tile(c, "eval.crop_size")  # the input tile; its output tile is 184 px smaller
     _ints(c, "eval.stride", 2)
     _bool(c, "eval.tta")
     scales = _floats(c, "eval.tta_scales")
