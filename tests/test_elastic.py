@@ -114,3 +114,37 @@ def test_weighted_loss_crops_full_tile_labels_to_the_logits():
     _, terms = weighted_segmentation_loss(jnp.asarray(logits), jnp.asarray(labels),
                                           jnp.asarray(weights), loss_cfg)
     assert float(terms["decode.acc_seg"]) == pytest.approx(100.0)
+
+
+class _Records:
+    """Two 40 x 30 records (a PairSource)."""
+
+    def __init__(self):
+        self.pairs = [_pair(0), _pair(1)]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def train_pair(self, k):
+        return self.pairs[k]
+
+
+def test_sampler_carries_the_warped_weight_map_as_a_pure_function_of_seed_and_index():
+    from unet_jax import recipe
+    from unet_jax.config import check_config
+    from unet_jax.data.sampler import TrainSampler
+    from tests.tiny_config import get_config
+    config = recipe.unet2015(get_config())
+    config.data.crop_size = (188, 188)
+    check_config(config)
+    records = _Records()
+    a, b = (TrainSampler(records, config.data, seed=3).batch_dict(np.arange(4, 6))
+            for _ in range(2))
+    assert sorted(a) == ["image", "label", "weight"] and a["image"].shape == (2, 188, 188, 3)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    sampler = TrainSampler(records, config.data, seed=3)
+    k = sampler.image_index(5)
+    p = elastic.sample_params(np.random.default_rng([3, 1, 5]), (40, 30), config.data.elastic)
+    want = elastic.augment(*records.train_pair(k), sampler.weight_map(k), p, (188, 188))
+    assert np.array_equal(a["label"][1], want[1]) and np.array_equal(a["weight"][1], want[2])

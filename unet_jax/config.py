@@ -329,13 +329,6 @@ def _check_loss(c: Any) -> None:
         _float(c, f"loss.{field}", 0.0)
     _bool(c, "loss.avg_non_ignore")
     _int(c, "loss.ignore_index", 0, 255)
-    if "weight_map" in c.loss:  # the original U-Net's weighted cross-entropy (optional section)
-        if not _original(c) or _get(c, "loss.name") != "ce":
-            raise _fail("loss.weight_map", "a section only with model.name unet2015 and loss.name "
-                        "ce", dict(c.loss.weight_map))
-        _int(c, "loss.weight_map.cell_class", 0, _get(c, "model.num_classes") - 1)
-        _float(c, "loss.weight_map.w0", 0.0)
-        _float(c, "loss.weight_map.sigma", 0.0, low_open=True)
 
 
 def _check_train(c: Any) -> None:
@@ -396,6 +389,13 @@ def _check_data(c: Any) -> None:
         raise _fail("data.palette", f"{num_classes} RGB colours of 0..255", palette)
     _bool(c, "data.host_shard")
     _int(c, "data.workers", 0)
+    if "weight_map" in c.data:  # the original U-Net's weighted cross-entropy (optional section)
+        if not _original(c) or _get(c, "loss.name") != "ce" or "elastic" not in c.data:
+            raise _fail("data.weight_map", "a section only with model.name unet2015, loss.name "
+                        "ce and a data.elastic section", dict(c.data.weight_map))
+        _int(c, "data.weight_map.cell_class", 0, _get(c, "model.num_classes") - 1)
+        _float(c, "data.weight_map.w0", 0.0)
+        _float(c, "data.weight_map.sigma", 0.0, low_open=True)
     if "elastic" in c.data:  # the original U-Net's augmentation (optional section)
         _int(c, "data.elastic.grid_points", 2)
         _float(c, "data.elastic.sigma", 0.0)

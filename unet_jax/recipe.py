@@ -165,7 +165,7 @@ def unet2015(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` (a dataset's zoo config) turned into the original U-Net's recipe (Ronneberger et
     al. 2015), in place: the paper's net on one grey channel, SGD with momentum 0.99 on a batch of
     one 572 tile, overlap-tile evaluation, the elastic augmentation (`data.elastic`) and the
-    weighted cross-entropy (`loss.weight_map`). Values marked "paper" are §2-§3.1, "release"
+    weighted cross-entropy (`data.weight_map`). Values marked "paper" are §2-§3.1, "release"
     the 2015 Caffe release (phseg_v5), "ours" choices the paper leaves open."""
     config.model.update(dict(
         name="unet2015",
@@ -174,7 +174,8 @@ def unet2015(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         dropout_ratio=0.5,       # release: 0.5 after conv_d3b-c and conv_d4b-c
         aux=False))
     config.loss.update(dict(name="ce", aux_weight=0.0))
-    config.loss.weight_map = ml_collections.ConfigDict(dict(
+    # the weighted cross-entropy's map, made by the sampler per record and warped per sample
+    config.data.weight_map = ml_collections.ConfigDict(dict(
         cell_class=1,            # the class whose 4-connected components are the cells
         w0=10.0,                 # paper
         sigma=5.0))              # paper ("about 5 pixels")
