@@ -169,3 +169,21 @@ def test_overlap_tile_output_tiles_do_not_overlap_and_cover_any_size(tiny_apply)
             want = np.asarray(apply_fn(window[None]))[0]
             tile = got[4 * ty:4 * ty + 4, 4 * tx:4 * tx + 4]
             np.testing.assert_array_equal(tile, want[:tile.shape[0], :tile.shape[1]])
+
+
+def test_one_training_step_with_the_weight_map():
+    """The step crops full-tile labels and weights to the 4 x 4 logits and logs finite terms."""
+    from unet_jax.step import create_train_state, make_train_step
+    from unet_jax.models.segmentor import build_model
+    import jax
+    config = _config()
+    config.train.lr = 1e-3
+    state = create_train_state(build_model(config.model), config)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.standard_normal((1, 188, 188, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 2, (1, 188, 188)), jnp.int32),
+             "weight": jnp.ones((1, 188, 188), jnp.float32)}
+    state.state = jax.jit(make_train_step(state, config))(state.state, batch)
+    logs = state.read_logs()
+    assert logs["count"] == 1 and np.isfinite(logs["means"]["loss"])
+    assert set(logs["means"]) == {"loss", "decode.loss_ce", "decode.acc_seg"}
