@@ -187,3 +187,35 @@ def test_one_training_step_with_the_weight_map():
     logs = state.read_logs()
     assert logs["count"] == 1 and np.isfinite(logs["means"]["loss"])
     assert set(logs["means"]) == {"loss", "decode.loss_ce", "decode.acc_seg"}
+
+
+# ------------------------------------------------------------------------------ 8-fold TTA
+def _pointwise(x):
+    """A per-pixel 'model' (C = 2): equivariant under every rotation and flip."""
+    return jnp.stack([x[..., 0] * 2.0 - x[..., 1], x[..., 2] * 0.5], axis=-1)
+
+
+def test_dihedral_tta_maps_every_view_back_onto_the_image():
+    """With an equivariant forward each of the 8 views, mapped back, is the plain logits, so
+    the average is their softmax (8 float32 additions and a division by 8: rtol 8 eps)."""
+    from unet_jax import inference as inf
+    config = _config(mode="whole", tta=True, tta_mode="dihedral")
+    config.data.img_scale = (13, 7)
+    image = np.random.default_rng(0).integers(0, 256, (7, 13, 3), dtype=np.uint8)
+    plain = np.asarray(inf.whole_inference(_pointwise, inf.test_image(image, config.data), 2,
+                                           size_divisor=1))
+    views = list(inf.dihedral_views(lambda x: _pointwise(x), image, config))
+    assert len(views) == 8
+    for view in views:
+        np.testing.assert_allclose(np.asarray(view), plain, rtol=1e-6, atol=1e-5)
+    probs = np.asarray(inf.segment(_pointwise, image, config)[0])
+    np.testing.assert_allclose(probs, np.asarray(jax.nn.softmax(plain, -1)),
+                               rtol=8 * np.finfo(np.float32).eps, atol=1e-7)
+
+
+def test_dihedral_views_are_the_eight_rotations_and_flips():
+    from unet_jax import inference as inf
+    assert len(set(inf.DIHEDRAL)) == 8
+    image = np.arange(12).reshape(3, 4)
+    seen = {np.rot90(image, t)[:, ::-1 if f else 1].tobytes() for t, f in inf.DIHEDRAL}
+    assert len(seen) == 8

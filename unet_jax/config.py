@@ -420,6 +420,8 @@ def _check_eval(c: Any) -> None:
         _tile(c, "eval.crop_size")  # the input tile; its output tile is 184 px smaller
     _ints(c, "eval.stride", 2)
     _bool(c, "eval.tta")
+    if "tta_mode" in c.eval:
+        _choice(c, "eval.tta_mode", ("mmseg", "dihedral"))
     scales = _floats(c, "eval.tta_scales")
     if any(s <= 0 for s in scales):
         raise _fail("eval.tta_scales", "positive scale factors", scales)

@@ -417,19 +417,48 @@ def tta_views(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any) -> Iterator
             yield view_scores(apply_fn, view, config, (height, width), flip=flip)
 
 
+# The original U-Net's test-time augmentation (Ronneberger et al. 2015, §4: "averaged over 7
+# rotated versions of the input data" besides the identity): (quarter turns, then flip).
+DIHEDRAL = tuple((turns, flip) for turns in range(4) for flip in (False, True))
+
+
+@functools.partial(jax.jit, static_argnames=("turns", "flip"))
+def _undo_dihedral(logits: jax.Array, turns: int, flip: bool) -> jax.Array:
+    """A view's logits mapped back onto the original image (flip undone, then the turns)."""
+    return jnp.rot90(logits[:, ::-1] if flip else logits, -turns, axes=(0, 1))
+
+
+def dihedral_views(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any
+                   ) -> Iterator[jax.Array]:
+    """The 8 views of one uint8 RGB image (`DIHEDRAL`: np.rot90 by 0-3 quarter turns, each
+    without and with a horizontal flip), one at a time: the logits of the test image
+    (`preprocess.test_image`) so transformed, mapped back and resized to H x W."""
+    height, width = image_rgb.shape[:2]
+    image = test_image(image_rgb, config.data)
+    for turns, flip in DIHEDRAL:
+        view = np.rot90(image, turns)
+        view = np.ascontiguousarray(view[:, ::-1] if flip else view)
+        logits = inference(apply_fn, view, config.eval, int(config.model.num_classes))
+        yield _postprocess_jit(_undo_dihedral(logits, turns=turns, flip=flip),
+                               jnp.asarray(False), out_hw=(height, width))
+
+
 @jax.jit
 def _add_softmax(total: jax.Array, logits: jax.Array) -> jax.Array:
     return total + jax.nn.softmax(logits, axis=-1)
 
 
 def tta_inference(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any) -> jax.Array:
-    """mmseg multi-scale + flip TTA of one uint8 RGB image -> the softmax of its `tta_views`
-    averaged (H, W, C)."""
+    """Test-time augmentation of one uint8 RGB image -> the softmax of its views averaged
+    (H, W, C): mmseg's multi-scale + flip `tta_views`, or with `eval.tta_mode` "dihedral"
+    the original U-Net's 8 rotations/flips (`dihedral_views`)."""
     height, width = image_rgb.shape[:2]
     total = jnp.zeros((height, width, int(config.model.num_classes)), jnp.float32)
-    for logits in tta_views(apply_fn, image_rgb, config):
+    dihedral = config.eval.get("tta_mode", "mmseg") == "dihedral"
+    views = (dihedral_views if dihedral else tta_views)(apply_fn, image_rgb, config)
+    for logits in views:
         total = _add_softmax(total, logits)
-    return total / (2 * len(config.eval.tta_scales))
+    return total / (len(DIHEDRAL) if dihedral else 2 * len(config.eval.tta_scales))
 
 
 def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *, resize: bool = True,

@@ -150,7 +150,8 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         mode=None,               # slide | whole
         crop_size=None,
         stride=None,
-        tta=False,               # multi-scale + flip test-time augmentation
+        tta=False,               # test-time augmentation (eval.tta_mode says which)
+        tta_mode="mmseg",        # mmseg: tta_scales x flip | dihedral: the 8 rotations/flips
         tta_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
         batch_windows=64,        # slide windows per compiled call
         max_images=0,            # 0 = the whole validation split
@@ -189,5 +190,6 @@ def unet2015(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         max_angle=180.0,         # ours: any rotation (EM sections have no orientation)
         gain=(0.8, 1.2),         # ours: grey-value contrast
         offset=(-20.0, 20.0)))   # ours: grey-value brightness (0..255 levels)
-    config.eval.update(dict(mode="overlap_tile", crop_size=(572, 572), stride=(388, 388)))
+    config.eval.update(dict(mode="overlap_tile", crop_size=(572, 572), stride=(388, 388),
+                            tta_mode="dihedral"))  # paper §4 (on with eval.tta)
     return config
