@@ -219,3 +219,23 @@ def test_dihedral_views_are_the_eight_rotations_and_flips():
     image = np.arange(12).reshape(3, 4)
     seen = {np.rot90(image, t)[:, ::-1 if f else 1].tobytes() for t, f in inf.DIHEDRAL}
     assert len(seen) == 8
+
+
+def test_evaluation_reports_the_isbi_scores_of_p_cell(tiny_apply):
+    from unet_jax import isbi_metrics
+    from unet_jax.evaluate import evaluate
+    from unet_jax.inference import segment
+    config, apply_fn = tiny_apply
+    rng = np.random.default_rng(5)
+    data = []
+    for k in range(2):
+        label = np.ones((10, 9), np.uint8)
+        label[:, 4] = 0
+        label[3 + k] = 0
+        data.append({"image": rng.integers(0, 256, (10, 9, 3), dtype=np.uint8), "label": label,
+                     "name": f"s{k}"})
+    summary = evaluate(apply_fn, data, config, progress=False).summary
+    probs = [np.asarray(jax.nn.softmax(segment(apply_fn, d["image"], config)[0], -1))[..., 1]
+             for d in data]
+    want = isbi_metrics.isbi_scores(probs, [d["label"] == 1 for d in data])
+    assert summary["isbi"] == pytest.approx(want, rel=1e-6)

@@ -422,6 +422,8 @@ def _check_eval(c: Any) -> None:
     _bool(c, "eval.tta")
     if "tta_mode" in c.eval:
         _choice(c, "eval.tta_mode", ("mmseg", "dihedral"))
+    if "isbi" in c.eval:  # the ISBI 2012 challenge's metrics of P(cell class) (optional)
+        _int(c, "eval.isbi.cell_class", 0, _get(c, "model.num_classes") - 1)
     scales = _floats(c, "eval.tta_scales")
     if any(s <= 0 for s in scales):
         raise _fail("eval.tta_scales", "positive scale factors", scales)

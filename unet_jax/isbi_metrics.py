@@ -166,38 +166,49 @@ def thin(cells: np.ndarray) -> np.ndarray:
     return lab.reshape(width, height).T.astype(np.int32)
 
 
+COLUMNS = ("pixel_tp", "pixel_fp", "pixel_fn", "rand_tp", "rand_fp", "rand_fn", "v_rand",
+           "v_info")
+
+
+def slice_stats(prob_cell: np.ndarray, gt_cell: np.ndarray) -> np.ndarray:
+    """One slice's sums at every threshold of `THINNED_THRESHOLDS`: float64 (11, 8), columns
+    `COLUMNS` (counts for the micro-averaged scores, F-scores for the per-slice averaged ones).
+    Slices' arrays add up (over hosts too); `scores` turns the sum into the challenge's scores."""
+    prob, truth = np.asarray(prob_cell, np.float64), np.asarray(gt_cell, bool)
+    gt = components(truth)
+    out = np.zeros((len(THINNED_THRESHOLDS), len(COLUMNS)))
+    for row, th in enumerate(THINNED_THRESHOLDS):
+        pred = prob > th
+        if row < len(PIXEL_THRESHOLDS):
+            out[row, :3] = (np.sum(pred & truth), np.sum(pred & ~truth), np.sum(~pred & truth))
+            out[row, 3:6] = rand_stats(gt, components(pred))
+        thinned = thin(pred)
+        out[row, 6] = _fscore(*rand_stats(gt, thinned))
+        out[row, 7] = info_fscore(gt, thinned)
+    return out
+
+
+def scores(stats: np.ndarray, num_slices: int) -> dict[str, float]:
+    """The challenge's scores from the summed `slice_stats` of `num_slices` slices:
+    pixel_error, rand_error, v_rand, v_info, each at its best threshold (also returned)."""
+    rows = len(PIXEL_THRESHOLDS)
+    series = {
+        "pixel_error": [_fscore(*r[:3]) for r in stats[:rows]],
+        "rand_error": [_fscore(*r[3:6]) for r in stats[:rows]],
+        "v_rand": list(stats[:, 6] / num_slices),
+        "v_info": list(stats[:, 7] / num_slices)}
+    out: dict[str, float] = {}
+    for name, values in series.items():
+        best = int(np.argmax(values))  # the first of equal maxima, as Fiji's strict ">"
+        score = float(values[best])
+        out[name] = 1.0 - score if name.endswith("error") else score
+        out[f"{name}_threshold"] = float(THINNED_THRESHOLDS[best])
+    return out
+
+
 def isbi_scores(prob_cell: Sequence[np.ndarray], gt_cell: Sequence[np.ndarray]
                 ) -> dict[str, float]:
     """The challenge's scores of a stack: P(cell) maps (H, W) in [0, 1] and the ground-truth
     cell masks (H, W) -> {pixel_error, rand_error, v_rand, v_info} (+ the best thresholds)."""
-    gts = [components(np.asarray(g, bool)) for g in gt_cell]
-    probs = [np.asarray(p, np.float64) for p in prob_cell]
-    best: dict[str, tuple[float, float]] = {}
-
-    def keep(name: str, score: float, th: float) -> None:
-        if name not in best or score > best[name][0]:
-            best[name] = (score, th)
-
-    for th in PIXEL_THRESHOLDS:
-        pix = np.zeros(3)
-        rand = np.zeros(3)
-        for prob, mask, gt in zip(probs, gt_cell, gts, strict=True):
-            pred, truth = prob > th, np.asarray(mask, bool)
-            pix += (np.sum(pred & truth), np.sum(pred & ~truth), np.sum(~pred & truth))
-            rand += rand_stats(gt, components(pred))
-        keep("pixel", _fscore(*pix), th)
-        keep("rand", _fscore(*rand), th)
-    for th in THINNED_THRESHOLDS:
-        v_rand = v_info = 0.0
-        for prob, gt in zip(probs, gts):
-            thinned = thin(prob > th)
-            v_rand += _fscore(*rand_stats(gt, thinned))
-            v_info += info_fscore(gt, thinned)
-        keep("v_rand", v_rand / len(gts), th)
-        keep("v_info", v_info / len(gts), th)
-    scores = {"pixel_error": 1.0 - best["pixel"][0], "rand_error": 1.0 - best["rand"][0],
-              "v_rand": best["v_rand"][0], "v_info": best["v_info"][0]}
-    thresholds = {f"{name}_threshold": best[key][1] for name, key in (
-        ("pixel_error", "pixel"), ("rand_error", "rand"), ("v_rand", "v_rand"),
-        ("v_info", "v_info"))}
-    return {k: float(v) for k, v in {**scores, **thresholds}.items()}
+    stats = sum(slice_stats(p, g) for p, g in zip(prob_cell, gt_cell, strict=True))
+    return scores(stats, len(prob_cell))
