@@ -171,24 +171,6 @@ def test_overlap_tile_output_tiles_do_not_overlap_and_cover_any_size(tiny_apply)
             np.testing.assert_array_equal(tile, want[:tile.shape[0], :tile.shape[1]])
 
 
-def test_one_training_step_with_the_weight_map():
-    """The step crops full-tile labels and weights to the 4 x 4 logits and logs finite terms."""
-    from unet_jax.step import create_train_state, make_train_step
-    from unet_jax.models.segmentor import build_model
-    import jax
-    config = _config()
-    config.train.lr = 1e-3
-    state = create_train_state(build_model(config.model), config)
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.standard_normal((1, 188, 188, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 2, (1, 188, 188)), jnp.int32),
-             "weight": jnp.ones((1, 188, 188), jnp.float32)}
-    state.state = jax.jit(make_train_step(state, config))(state.state, batch)
-    logs = state.read_logs()
-    assert logs["count"] == 1 and np.isfinite(logs["means"]["loss"])
-    assert set(logs["means"]) == {"loss", "decode.loss_ce", "decode.acc_seg"}
-
-
 # ------------------------------------------------------------------------------ 8-fold TTA
 def _pointwise(x):
     """A per-pixel 'model' (C = 2): equivariant under every rotation and flip."""
@@ -239,3 +221,20 @@ def test_evaluation_reports_the_isbi_scores_of_p_cell(tiny_apply):
              for d in data]
     want = isbi_metrics.isbi_scores(probs, [d["label"] == 1 for d in data])
     assert summary["isbi"] == pytest.approx(want, rel=1e-6)
+
+
+def test_training_run_of_the_original_recipe_on_the_tiny_set(tmp_path, train_config):
+    """The whole loop with model.name unet2015: elastic samples with weight maps, the weighted
+    loss, overlap-tile evaluation with the ISBI scores in the summary."""
+    from unet_jax import recipe
+    from unet_jax.config import check_config
+    from unet_jax.train import train_and_evaluate
+    config = recipe.unet2015(train_config(num_steps=2, eval_every=2, checkpoint_every=2,
+                                          batch_size=1))
+    config.model.base_channels = 2
+    config.data.crop_size = (188, 188)
+    config.eval.crop_size = (252, 252)   # one 68 x 68 output tile covers a 64 x 64 image
+    config.eval.max_images = 1
+    summary = train_and_evaluate(check_config(config), tmp_path / "run")
+    assert set(summary["isbi"]) >= {"pixel_error", "rand_error", "v_rand", "v_info"}
+    assert 0.0 <= summary["isbi"]["v_rand"] <= 1.0

@@ -63,9 +63,14 @@ def aug_config(data_cfg: Any) -> SimpleNamespace:
         lambda k: getattr(data_cfg, k))
     has = (lambda k: k in data_cfg) if isinstance(data_cfg, dict) else (
         lambda k: hasattr(data_cfg, k) and getattr(data_cfg, k) is not None)
-    optional = {k: SimpleNamespace(**{f: _plain(v) for f, v in dict(get(k)).items()})
-                if has(k) else None for k in OPTIONAL_SECTIONS}
+    optional = {k: _section(get(k)) if has(k) else None for k in OPTIONAL_SECTIONS}
     return SimpleNamespace(**{k: _plain(get(k)) for k in AUG_FIELDS}, **optional)
+
+
+def _section(value: Any) -> SimpleNamespace:
+    """A config section (ConfigDict, dict, or an `aug_config` result) as a plain namespace."""
+    items = vars(value) if isinstance(value, SimpleNamespace) else dict(value)
+    return SimpleNamespace(**{k: _plain(v) for k, v in items.items()})
 
 
 def _plain(value: Any) -> Any:
