@@ -148,3 +148,13 @@ def test_sampler_carries_the_warped_weight_map_as_a_pure_function_of_seed_and_in
     p = elastic.sample_params(np.random.default_rng([3, 1, 5]), (40, 30), config.data.elastic)
     want = elastic.augment(*records.train_pair(k), sampler.weight_map(k), p, (188, 188))
     assert np.array_equal(a["label"][1], want[1]) and np.array_equal(a["weight"][1], want[2])
+
+
+def test_grey_images_are_warped_once_with_the_same_numbers():
+    image, label = _pair(3)
+    grey = np.repeat(image[..., :1], 3, axis=-1)
+    p = elastic.sample_params(np.random.default_rng(4), label.shape, CFG)
+    got = elastic.augment(grey, label, None, p, (30, 30))[0]
+    want = np.clip(elastic.warp(grey, elastic.source_coordinates(p, (30, 30)), 3) * p.gain
+                   + p.offset, 0, 255).astype(np.float32)
+    assert np.array_equal(got, want)

@@ -100,7 +100,13 @@ def augment(image_bgr: np.ndarray, label: np.ndarray, weight: np.ndarray | None,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One sample: (image float32 (h, w, 3) BGR 0..255, label (h, w), weight (h, w) or None)."""
     coords = source_coordinates(p, tile_hw)
-    image = warp(image_bgr, coords, 3) * p.gain + p.offset
+    grey = image_bgr.ndim == 3 and all(np.array_equal(image_bgr[..., 0], image_bgr[..., c])
+                                       for c in range(1, image_bgr.shape[2]))
+    if grey:  # a grey image decoded to equal channels (ISBI): warp one, the same numbers
+        image = np.repeat(warp(image_bgr[..., 0], coords, 3)[..., None], image_bgr.shape[2], -1)
+    else:
+        image = warp(image_bgr, coords, 3)
+    image = image * p.gain + p.offset
     image = np.clip(image, 0.0, 255.0).astype(np.float32)
     out_weight = None if weight is None else warp(weight, coords, 1).astype(np.float32)
     return image, warp(label, coords, 0), out_weight
