@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-WSHED, INIT, MASK, INQUEUE = 0, -1, -2, -3
+WSHED, MASK, INQUEUE, OUTSIDE = 0, -2, -3, -4  # Fiji's WSHED, MASK, INQUEUE; ours
 
 
 def fiji_thresholds(low: float, high: float, step: float) -> list[float]:
@@ -112,30 +112,27 @@ def thin(cells: np.ndarray) -> np.ndarray:
     Pixels are visited in Fiji's order (x outer, y inner) and neighbours as Fiji lists them
     (x-1, y-1, x+1, y+1), so ties fall the same way."""
     height, width = cells.shape
-    flat = np.where(cells, components(cells), INIT).astype(np.int64).T.ravel()  # x-major
-    border = np.flatnonzero(~cells.T.ravel())
-    if border.size == 0:
-        return flat.reshape(width, height).T.astype(np.int32)
+    if cells.all():
+        return components(cells)
+    # x-major grid with a ring of OUTSIDE pixels (they match no flooding rule), so the four
+    # neighbours of k are k - stride, k - 1, k + stride, k + 1 in Fiji's order
+    grid = np.full((width + 2, height + 2), OUTSIDE, np.int64)
+    grid[1:-1, 1:-1] = np.where(cells, components(cells), MASK).T
+    stride = height + 2
+    flat = grid.ravel()
+    border = np.flatnonzero(flat == MASK)
     # phase 1, vectorised: the border pixels with a 4-neighbour in a cell enter the queue (in
     # Fiji's visiting order); no watershed pixel exists yet, so ">= WSHED" means "in a cell"
-    padded = np.pad(cells.T, 1)
-    touching = (padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:])
-    flat[border] = MASK
-    queued = border[touching.ravel()[border]]
+    touching = ((flat[border - stride] > 0) | (flat[border - 1] > 0)
+                | (flat[border + stride] > 0) | (flat[border + 1] > 0))
+    queued = border[touching]
     flat[queued] = INQUEUE
     lab = flat.tolist()  # Python ints: the flooding below is scalar code
     fifo: deque[int] = deque(queued.tolist())
-    last_x, last_y = width - 1, height - 1
-
-    def neighbours(k: int) -> list[int]:
-        x, y = divmod(k, height)
-        return [c for c, ok in ((k - height, x > 0), (k - 1, y > 0),
-                                (k + height, x < last_x), (k + 1, y < last_y)) if ok]
-
     flag = False
     while fifo:  # phase 2: flooding with watershed lines (Fiji's rules, its global flag)
         k = fifo.popleft()
-        for c in neighbours(k):
+        for c in (k - stride, k - 1, k + stride, k + 1):
             lc = lab[c]
             if lc > 0:
                 if lab[k] == INQUEUE or (lab[k] == WSHED and flag):
@@ -157,13 +154,14 @@ def thin(cells: np.ndarray) -> np.ndarray:
             lab[k] = current
             fifo.append(k)
             while fifo:
-                for c in neighbours(fifo.popleft()):
+                q = fifo.popleft()
+                for c in (q - stride, q - 1, q + stride, q + 1):
                     if lab[c] == MASK:
                         lab[c] = current
                         fifo.append(c)
-    lab = np.asarray(lab, np.int64)
+    lab = np.asarray(lab, np.int64).reshape(width + 2, height + 2)[1:-1, 1:-1].T
     lab[lab < 0] = 0
-    return lab.reshape(width, height).T.astype(np.int32)
+    return np.ascontiguousarray(lab).astype(np.int32)
 
 
 COLUMNS = ("pixel_tp", "pixel_fp", "pixel_fn", "rand_tp", "rand_fp", "rand_fn", "v_rand",
