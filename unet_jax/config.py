@@ -427,4 +427,4 @@ def _check_eval(c: Any) -> None:
         raise _fail("eval.tta_scales", "positive scale factors", scales)
     _int(c, "eval.batch_windows", 1)
     _int(c, "eval.max_images", 0)
-    _choice(c, "eval.metric", SUMMARY_METRICS)
+    _choice(c, "eval.metric", SUMMARY_METRICS + (("v_rand",) if "isbi" in c.eval else ()))

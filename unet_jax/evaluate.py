@@ -174,6 +174,7 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
         summary["fov"] = fov_acc.summary()
     if isbi is not None:
         summary["isbi"] = isbi_metrics.scores(isbi_stats, acc.num_images)
+        summary["v_rand"] = summary["isbi"]["v_rand"]  # the challenge's ranking (eval.metric)
     return EvalResult(summary, examples)
 
 
