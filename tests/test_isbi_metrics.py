@@ -107,3 +107,22 @@ def test_perfect_prediction_scores_perfectly_and_everything_cell_badly():
 def test_thresholds_are_fijis():
     assert len(M.PIXEL_THRESHOLDS) == 10 and M.PIXEL_THRESHOLDS[-1] == pytest.approx(0.9)
     assert len(M.THINNED_THRESHOLDS) == 11 and M.THINNED_THRESHOLDS[-1] < 1.0
+
+
+def test_v_scores_average_per_slice_and_counts_add_up_over_slices():
+    """V_rand / V_info: the best threshold of the per-slice mean; pixel and Rand error: the
+    F-score of counts summed over slices (Fiji's micro average), not a mean of errors."""
+    rng = np.random.default_rng(1)
+    gts, probs = [], []
+    for k in range(2):
+        gt = np.ones((24, 24), bool)
+        gt[:, 7 + 5 * k] = gt[11, :] = False
+        gts.append(gt)
+        probs.append(np.clip(gt * 0.7 + rng.uniform(0, 0.5, gt.shape), 0, 1))
+    per = [M.slice_stats(p, g) for p, g in zip(probs, gts)]
+    got = M.isbi_scores(probs, gts)
+    assert got["v_rand"] == pytest.approx(max((per[0][:, 6] + per[1][:, 6]) / 2))
+    assert got["v_info"] == pytest.approx(max((per[0][:, 7] + per[1][:, 7]) / 2))
+    total = per[0] + per[1]
+    best_f = max(M._fscore(*row[:3]) for row in total[:10])
+    assert got["pixel_error"] == pytest.approx(1 - best_f)
