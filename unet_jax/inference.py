@@ -350,6 +350,9 @@ def overlap_tile_inference(apply_fn: ApplyFn, image: Any, tile: Sequence[int],
     from unet_jax.models.unet2015 import output_size
 
     x = jnp.asarray(image, jnp.float32)
+    if any(jax.export.is_symbolic_dim(d) for d in x.shape[:2]):
+        raise ValueError("overlap-tile inference needs concrete image sizes: a SavedModel "
+                         "export of model.name unet2015 is not supported")
     height, width = int(x.shape[0]), int(x.shape[1])
     tile = (int(tile[0]), int(tile[1]))
     out_tile = (output_size(tile[0]), output_size(tile[1]))
