@@ -11,6 +11,7 @@ CORE = [
     "grain>=0.2.18,<0.3",  # the training sampler's worker processes (data/sampler.py)
     "array-record>=0.8,<0.9",  # the prepared records every reader shares (data/records.py)
     "numpy>=1.26",
+    "scipy>=1.11",  # the original U-Net's warps, weight maps and ISBI metrics (jax needs it too)
     "ml-collections>=1.0",
     "pillow>=10",
     "opencv-python-headless>=4.8",

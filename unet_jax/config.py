@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from unet_jax.errors import ConfigError, UserError, one_line
-from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES
+from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES, MODELS
 
 DATASET_NAMES = ("drive", "stare", "chase_db1", "hrf", "cityscapes", "synthetic", "folder")
 # Datasets whose builder takes options from a section of `data` (unet_jax.data.loading.DATASETS).
@@ -270,7 +270,26 @@ def check_config(config: Any) -> ml_collections.ConfigDict:
     return config
 
 
+def _original(c: Any) -> bool:
+    """Whether the config's model is the original 2015 U-Net (`model.name` "unet2015")."""
+    return c.model.get("name", "unet_s5_d16") == "unet2015"
+
+
+def _tile(c: Any, field: str) -> None:
+    """An input tile of the original U-Net: both sides 60 + 16 b (b >= 8), else one line
+    naming the nearest valid sides."""
+    from unet_jax.models.unet2015 import check_input_size
+
+    size = _ints(c, field, 2)
+    try:
+        check_input_size(*size)
+    except ValueError as err:
+        raise ConfigError(f"config field {field}: {err}") from err
+
+
 def _check_model(c: Any) -> None:
+    if "name" in c.model:
+        _choice(c, "model.name", MODELS)
     _choice(c, "model.head", HEADS)
     _int(c, "model.base_channels", 1)
     _int(c, "model.head_channels", 0)
@@ -279,7 +298,16 @@ def _check_model(c: Any) -> None:
     if out_channels not in (0, 1, num_classes) or (out_channels == 1 and num_classes != 2):
         raise _fail("model.out_channels", "0 (= model.num_classes), model.num_classes, or 1 "
                     "with model.num_classes=2 (binary: one sigmoid channel)", out_channels)
-    _int(c, "model.in_channels", 3, 3)
+    if _original(c):
+        if out_channels not in (0, num_classes):
+            raise _fail("model.out_channels", "0 for model.name unet2015 (softmax over "
+                        "model.num_classes)", out_channels)
+        _int(c, "model.in_channels", 1, 3)  # 1: the grey channel of an RGB-decoded image
+        if _get(c, "model.aux"):
+            raise _fail("model.aux", "False for model.name unet2015 (it has no auxiliary "
+                        "head)", True)
+    else:
+        _int(c, "model.in_channels", 3, 3)
     stages = _int(c, "model.num_stages", 2)
     for field, length in (("strides", stages), ("enc_num_convs", stages),
                           ("enc_dilations", stages), ("dec_num_convs", stages - 1),
@@ -368,7 +396,9 @@ def _check_data(c: Any) -> None:
     _ints(c, "data.img_scale", 2)
     crop = _ints(c, "data.crop_size", 2)
     rate = _rate(c)
-    if crop[0] % rate or crop[1] % rate:
+    if _original(c):
+        _tile(c, "data.crop_size")
+    elif crop[0] % rate or crop[1] % rate:
         raise _fail("data.crop_size", f"training crop sides that are multiples of the UNet's "
                     f"downsample rate {rate}", crop)
     lo, hi = _floats(c, "data.ratio_range", 2)
@@ -392,6 +422,22 @@ def _check_data(c: Any) -> None:
         raise _fail("data.palette", f"{num_classes} RGB colours of 0..255", palette)
     _bool(c, "data.host_shard")
     _int(c, "data.workers", 0)
+    if "weight_map" in c.data:  # the original U-Net's weighted cross-entropy (optional section)
+        if not _original(c) or _get(c, "loss.name") != "ce" or "elastic" not in c.data:
+            raise _fail("data.weight_map", "a section only with model.name unet2015, loss.name "
+                        "ce and a data.elastic section", dict(c.data.weight_map))
+        _int(c, "data.weight_map.cell_class", 0, _get(c, "model.num_classes") - 1)
+        _float(c, "data.weight_map.w0", 0.0)
+        _float(c, "data.weight_map.sigma", 0.0, low_open=True)
+    if "elastic" in c.data:  # the original U-Net's augmentation (optional section)
+        _int(c, "data.elastic.grid_points", 2)
+        _float(c, "data.elastic.sigma", 0.0)
+        _float(c, "data.elastic.max_angle", 0.0, 180.0)
+        for field in ("gain", "offset"):
+            lo, hi = _floats(c, f"data.elastic.{field}", 2)
+            if lo > hi or (field == "gain" and lo <= 0):
+                raise _fail(f"data.elastic.{field}", "(low, high) with low <= high"
+                            + (" and low > 0" if field == "gain" else ""), (lo, hi))
     name = c.data.name
     for key in DATASET_OPTIONS.get(name, ()):
         _int(c, f"data.{name}.{key}", 0 if key == "seed" else 1)
@@ -438,14 +484,21 @@ def _check_folder(c: Any) -> None:
 
 
 def _check_eval(c: Any) -> None:
-    _choice(c, "eval.mode", ("slide", "whole"))
+    # the original U-Net's output is smaller than its input: overlap-tile inference only
+    mode = _choice(c, "eval.mode", ("overlap_tile",) if _original(c) else ("slide", "whole"))
     _ints(c, "eval.crop_size", 2)
+    if mode == "overlap_tile":
+        _tile(c, "eval.crop_size")  # the input tile; its output tile is 184 px smaller
     _ints(c, "eval.stride", 2)
     _bool(c, "eval.tta")
+    if "tta_mode" in c.eval:
+        _choice(c, "eval.tta_mode", ("mmseg", "dihedral"))
+    if "isbi" in c.eval:  # the ISBI 2012 challenge's metrics of P(cell class) (optional)
+        _int(c, "eval.isbi.cell_class", 0, _get(c, "model.num_classes") - 1)
     scales = _floats(c, "eval.tta_scales")
     if any(s <= 0 for s in scales):
         raise _fail("eval.tta_scales", "positive scale factors", scales)
     _float(c, "eval.threshold", 0.0, 1.0, low_open=True, high_open=True)
     _int(c, "eval.batch_windows", 1)
     _int(c, "eval.max_images", 0)
-    _choice(c, "eval.metric", SUMMARY_METRICS)
+    _choice(c, "eval.metric", SUMMARY_METRICS + (("v_rand",) if "isbi" in c.eval else ()))

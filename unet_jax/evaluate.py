@@ -5,6 +5,8 @@ TTA per `config.eval`), takes the argmax at the original resolution and sums mms
 per-class pixel counts over the dataset (computed on device, accumulated on the host in int64).
 Samples with a field-of-view mask (`fov`: the retinal sets) also give the vessel metrics papers
 report inside the FOV (`unet_jax.fov_metrics`: Se, Sp, Acc, AUC, F1), counted the same way.
+With an `eval.isbi` section (the original U-Net's recipe) the summary also holds the ISBI 2012
+challenge's scores of P(cell) (`unet_jax.isbi_metrics`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from unet_jax import fov_metrics, metrics
+from unet_jax import fov_metrics, isbi_metrics, metrics
 from unet_jax.errors import ConfigError
 from unet_jax.inference import ApplyFn, make_apply_fn, segment
 
@@ -105,6 +107,8 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
     # per-image counts still on device (keeps dispatch async): (counts, FOV counts or None)
     pending: list[tuple[jax.Array, Any]] = []
     examples: list[dict[str, Any]] = []
+    isbi = config.eval.get("isbi")
+    isbi_stats = np.zeros((len(isbi_metrics.THINNED_THRESHOLDS), len(isbi_metrics.COLUMNS)))
 
     def add(counts: jax.Array, fov_counts: Any) -> None:
         acc.add_counts(np.asarray(counts))
@@ -137,6 +141,11 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
                     scores, jnp.asarray(label), jnp.asarray(fov),
                     probabilities=bool(config.eval.tta), ignore_index=ignore_index,
                     threshold=float(config.eval.threshold))
+            if isbi is not None:
+                cell = int(isbi.cell_class)
+                probs = scores if config.eval.tta else jax.nn.softmax(scores, axis=-1)
+                isbi_stats += isbi_metrics.slice_stats(np.asarray(probs[..., cell]),
+                                                       label == cell)
             pending.append((counts, fov_counts))
             if len(pending) > 1:
                 add(*pending.pop(0))
@@ -151,11 +160,16 @@ def evaluate(model: nnx.Module | ApplyFn, dataset: Iterable[dict[str, Any]], con
         add(counts, fov_counts)
     if processes > 1:
         acc, fov_acc = _summed_over_processes(acc, fov_acc)
+        if isbi is not None:  # float64 sums sent bit for bit as int64
+            isbi_stats = _allgather_int64(isbi_stats.view(np.int64)).view(np.float64).sum(0)
     if acc.num_images == 0:
         raise ValueError("evaluate: the dataset yielded no samples")
     summary = metrics.summarize(acc, list(config.data.classes))
     if fov_acc is not None:
         summary["fov"] = fov_acc.summary()
+    if isbi is not None:
+        summary["isbi"] = isbi_metrics.scores(isbi_stats, acc.num_images)
+        summary["v_rand"] = summary["isbi"]["v_rand"]  # the challenge's ranking (eval.metric)
     return EvalResult(summary, examples)
 
 

@@ -289,8 +289,98 @@ def whole_inference(apply_fn: ApplyFn, image: Any, num_classes: int, *,
     return apply_fn(x[None])[0, :height, :width, :num_classes]
 
 
+# ------------------------------------------------------------------------------ overlap-tile
+def tile_grid(height: int, width: int, out_tile: int) -> tuple[int, int]:
+    """(rows, cols) of output tiles of side `out_tile` that cover an H x W image."""
+    return -(-height // out_tile), -(-width // out_tile)
+
+
+def _overlap_tile(forward: ApplyFn, image: jax.Array, tile: tuple[int, int],
+                  out_tile: tuple[int, int], num_classes: int, batch: int,
+                  mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Every input tile cut from the mirror-padded image, run in batches (spread over `mesh`),
+    the output tiles put side by side and cropped to the image."""
+    height, width = image.shape[0], image.shape[1]
+    (th, tw), (oh, ow) = tile, out_tile
+    rows, cols = tile_grid(height, width, oh)[0], tile_grid(height, width, ow)[1]
+    top, left = (th - oh) // 2, (tw - ow) // 2
+    padded = jnp.pad(image, ((top, rows * oh - height + th - oh - top),
+                             (left, cols * ow - width + tw - ow - left), (0, 0)), mode="reflect")
+    n = rows * cols
+    steps = -(-n // batch)
+    ys = jnp.pad(jnp.repeat(jnp.arange(rows, dtype=jnp.int32) * oh, cols), (0, steps * batch - n))
+    xs = jnp.pad(jnp.tile(jnp.arange(cols, dtype=jnp.int32) * ow, rows), (0, steps * batch - n))
+
+    def run(starts: tuple[jax.Array, jax.Array]) -> jax.Array:
+        crops = jax.vmap(lambda y, x: jax.lax.dynamic_slice(
+            padded, (y, x, 0), (th, tw, padded.shape[-1])))(*starts)
+        if mesh is not None and mesh.devices.size > 1:
+            crops = jax.lax.with_sharding_constraint(
+                crops, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        return forward(crops)[..., :num_classes]
+
+    out = jax.lax.map(run, (ys.reshape(steps, batch), xs.reshape(steps, batch)))
+    out = out.reshape(steps * batch, oh, ow, num_classes)[:n].reshape(rows, cols, oh, ow,
+                                                                      num_classes)
+    return out.transpose(0, 2, 1, 3, 4).reshape(rows * oh, cols * ow, num_classes)[:height,
+                                                                                    :width]
+
+
+_TILE_STATIC = ("tile", "out_tile", "num_classes", "batch", "mesh")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", *_TILE_STATIC))
+def _overlap_tile_model(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array,
+                        **static: Any) -> jax.Array:
+    return _overlap_tile(lambda x: _forward(graphdef, state, x), image, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("forward", *_TILE_STATIC))
+def _overlap_tile_fn(forward: ApplyFn, image: jax.Array, **static: Any) -> jax.Array:
+    return _overlap_tile(forward, image, **static)
+
+
+def overlap_tile_inference(apply_fn: ApplyFn, image: Any, tile: Sequence[int],
+                           num_classes: int, *, batch_windows: int = 64) -> jax.Array:
+    """The original U-Net's overlap-tile strategy (Ronneberger et al. 2015, Fig. 2) on one
+    normalised image (H, W, 3) -> (H, W, C) logits, any H and W.
+
+    The net maps an input tile of `tile` (valid sides, see `models.unet2015`) to an output tile
+    184 px smaller; output tiles sit side by side without overlap, and the context beyond the
+    image border is its mirror image (numpy's "reflect"). Tiles are batched and spread over a
+    `ModelApply`'s mesh as slide windows are (`slide_batch`, `CPU_WINDOW_PIXELS`).
+    """
+    from unet_jax.models.unet2015 import output_size
+
+    x = jnp.asarray(image, jnp.float32)
+    if any(jax.export.is_symbolic_dim(d) for d in x.shape[:2]):
+        raise ValueError("overlap-tile inference needs concrete image sizes: a SavedModel "
+                         "export of model.name unet2015 is not supported")
+    height, width = int(x.shape[0]), int(x.shape[1])
+    tile = (int(tile[0]), int(tile[1]))
+    out_tile = (output_size(tile[0]), output_size(tile[1]))
+    mesh = apply_fn.mesh if isinstance(apply_fn, ModelApply) else None
+    devices = mesh.devices.size if mesh is not None else 1
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if platform == "cpu":
+        batch_windows = min(int(batch_windows), max(1, CPU_WINDOW_PIXELS // (tile[0] * tile[1])))
+    rows, cols = tile_grid(height, width, out_tile[0])[0], tile_grid(height, width,
+                                                                     out_tile[1])[1]
+    static = dict(tile=tile, out_tile=out_tile, num_classes=int(num_classes),
+                  batch=slide_batch(rows * cols, int(batch_windows), devices))
+    if isinstance(apply_fn, ModelApply):
+        if mesh is not None:
+            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        return _overlap_tile_model(apply_fn.graphdef, apply_fn.state, x, mesh=mesh, **static)
+    return _overlap_tile_fn(apply_fn, x, mesh=None, **static)
+
+
 def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) -> jax.Array:
-    """Slide or whole inference per `eval_cfg.mode` (config.eval) -> (H, W, C) logits."""
+    """Slide, whole or overlap-tile inference per `eval_cfg.mode` (config.eval) -> (H, W, C)
+    logits."""
+    if eval_cfg.mode == "overlap_tile":
+        return overlap_tile_inference(apply_fn, image, tuple(eval_cfg.crop_size), num_classes,
+                                      batch_windows=eval_cfg.batch_windows)
     if eval_cfg.mode == "slide":
         return slide_inference(apply_fn, image, tuple(eval_cfg.crop_size),
                                tuple(eval_cfg.stride), num_classes,
@@ -351,19 +441,48 @@ def labels_of(scores: jax.Array, *, probs: bool, threshold: float) -> jax.Array:
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
+# The original U-Net's test-time augmentation (Ronneberger et al. 2015, §4: "averaged over 7
+# rotated versions of the input data" besides the identity): (quarter turns, then flip).
+DIHEDRAL = tuple((turns, flip) for turns in range(4) for flip in (False, True))
+
+
+@functools.partial(jax.jit, static_argnames=("turns", "flip"))
+def _undo_dihedral(logits: jax.Array, turns: int, flip: bool) -> jax.Array:
+    """A view's logits mapped back onto the original image (flip undone, then the turns)."""
+    return jnp.rot90(logits[:, ::-1] if flip else logits, -turns, axes=(0, 1))
+
+
+def dihedral_views(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any
+                   ) -> Iterator[jax.Array]:
+    """The 8 views of one uint8 RGB image (`DIHEDRAL`: np.rot90 by 0-3 quarter turns, each
+    without and with a horizontal flip), one at a time: the logits of the test image
+    (`preprocess.test_image`) so transformed, mapped back and resized to H x W."""
+    height, width = image_rgb.shape[:2]
+    image = test_image(image_rgb, config.data)
+    for turns, flip in DIHEDRAL:
+        view = np.rot90(image, turns)
+        view = np.ascontiguousarray(view[:, ::-1] if flip else view)
+        logits = inference(apply_fn, view, config.eval, output_channels(config.model))
+        yield _postprocess_jit(_undo_dihedral(logits, turns=turns, flip=flip),
+                               jnp.asarray(False), out_hw=(height, width))
+
+
 @jax.jit
 def _add_probabilities(total: jax.Array, logits: jax.Array) -> jax.Array:
     return total + probabilities(logits)
 
 
 def tta_inference(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any) -> jax.Array:
-    """mmseg multi-scale + flip TTA of one uint8 RGB image -> the probabilities of its
-    `tta_views` averaged (H, W, C) (softmax, or sigmoid for one channel)."""
+    """Test-time augmentation of one uint8 RGB image -> the probabilities of its views averaged
+    (H, W, C) (softmax, or sigmoid for one channel): mmseg's multi-scale + flip `tta_views`, or
+    with `eval.tta_mode` "dihedral" the original U-Net's 8 rotations/flips (`dihedral_views`)."""
     height, width = image_rgb.shape[:2]
     total = jnp.zeros((height, width, output_channels(config.model)), jnp.float32)
-    for logits in tta_views(apply_fn, image_rgb, config):
+    dihedral = config.eval.get("tta_mode", "mmseg") == "dihedral"
+    views = (dihedral_views if dihedral else tta_views)(apply_fn, image_rgb, config)
+    for logits in views:
         total = _add_probabilities(total, logits)
-    return total / (2 * len(config.eval.tta_scales))
+    return total / (len(DIHEDRAL) if dihedral else 2 * len(config.eval.tta_scales))
 
 
 def segment(apply_fn: ApplyFn, image_rgb: np.ndarray, config: Any, *, resize: bool = True,

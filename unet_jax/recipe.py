@@ -15,6 +15,8 @@ from collections.abc import Collection
 import ml_collections
 
 HEADS = ("fcn", "pspnet", "deeplabv3")
+# model.name: mmseg's UNet with a head, or the original 2015 U-Net (unet_jax.models.unet2015)
+MODELS = ("unet_s5_d16", "unet2015")
 LOSSES = ("ce", "ce_dice")
 # Filled in by each dataset config.
 DATASET_FIELDS = (
@@ -81,6 +83,7 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
     """The config of one UNet-S5-D16 zoo row without its dataset values (those are None)."""
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
+        name="unet_s5_d16",      # or "unet2015": the original U-Net (head/aux/stage fields unused)
         head=head,
         base_channels=64,        # backbone width; head widths follow it (see head_channels)
         head_channels=0,         # decode-head width; 0 = follow base_channels (FCN x1, PSP/ASPP x1/4)
@@ -155,7 +158,8 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         mode=None,               # slide | whole
         crop_size=None,
         stride=None,
-        tta=False,               # multi-scale + flip test-time augmentation
+        tta=False,               # test-time augmentation (eval.tta_mode says which)
+        tta_mode="mmseg",        # mmseg: tta_scales x flip | dihedral: the 8 rotations/flips
         tta_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
         threshold=0.3,           # model.out_channels 1: foreground where the sigmoid exceeds it
         batch_windows=64,        # slide windows per compiled call
@@ -165,3 +169,38 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
     c.init_from = ""             # initial weights: an mmseg .pth, a weights folder or a workdir
     c.published = ml_collections.ConfigDict()  # mmseg's published scores of this row, if any
     return c
+
+
+def unet2015(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` (a dataset's zoo config) turned into the original U-Net's recipe (Ronneberger et
+    al. 2015), in place: the paper's net on one grey channel, SGD with momentum 0.99 on a batch of
+    one 572 tile, overlap-tile evaluation, the elastic augmentation (`data.elastic`) and the
+    weighted cross-entropy (`data.weight_map`). Values marked "paper" are §2-§3.1, "release"
+    the 2015 Caffe release (phseg_v5), "ours" choices the paper leaves open."""
+    config.model.update(dict(
+        name="unet2015",
+        in_channels=1,           # paper: grey EM slices (the pipeline's channel 0)
+        base_channels=64,        # paper: 64 -> 1024
+        dropout_ratio=0.5,       # release: 0.5 after conv_d3b-c and conv_d4b-c
+        aux=False))
+    config.loss.update(dict(name="ce", aux_weight=0.0))
+    # the weighted cross-entropy's map, made by the sampler per record and warped per sample
+    config.data.weight_map = ml_collections.ConfigDict(dict(
+        cell_class=1,            # the class whose 4-connected components are the cells
+        w0=10.0,                 # paper
+        sigma=5.0))              # paper ("about 5 pixels")
+    config.train.update(dict(batch_size=1,   # paper: one large tile per step
+                             momentum=0.99,  # paper
+                             weight_decay=0.0))  # ours (release: 0.0005 is not confirmed)
+    config.data.crop_size = (572, 572)       # paper, Fig. 1: the input tile
+    config.data.elastic = ml_collections.ConfigDict(dict(
+        grid_points=3,           # paper: coarse 3 x 3 grid
+        sigma=10.0,              # paper: displacements ~ N(0, 10 px)
+        max_angle=180.0,         # ours: any rotation (EM sections have no orientation)
+        gain=(0.8, 1.2),         # ours: grey-value contrast
+        offset=(-20.0, 20.0)))   # ours: grey-value brightness (0..255 levels)
+    config.eval.update(dict(mode="overlap_tile", crop_size=(572, 572), stride=(388, 388),
+                            tta_mode="dihedral"))  # paper §4 (on with eval.tta)
+    config.eval.isbi = ml_collections.ConfigDict(dict(cell_class=1))  # the challenge's scores
+    config.eval.metric = "v_rand"  # the challenge's ranking picks the best checkpoint
+    return config

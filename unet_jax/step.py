@@ -21,6 +21,7 @@ from flax import nnx
 from unet_jax.losses import segmentation_loss
 from unet_jax.models.segmentor import output_channels
 from unet_jax.optim import make_optimizer, poly_schedule
+from unet_jax.weighted_loss import centre_crop, weighted_segmentation_loss
 
 MODEL, OPTIMIZER, LOGS = 0, 1, 2  # positions in the split state
 
@@ -134,7 +135,12 @@ def train_step(graphdef: nnx.GraphDef, loss_cfg: Any, schedule: optax.Schedule, 
 
     def loss_fn(model: nnx.Module):
         decode, aux = model(batch["image"], dropout_key=dropout_key)
-        return segmentation_loss(decode, aux, batch["label"], loss_cfg)
+        if "weight" in batch:  # the original U-Net's weight map (unet_jax.data.elastic)
+            return weighted_segmentation_loss(decode, batch["label"], batch["weight"], loss_cfg)
+        labels = batch["label"]
+        if decode.shape[1:3] != labels.shape[1:3] and aux is None:  # an unpadded net's output
+            labels = centre_crop(labels, decode.shape[1], decode.shape[2])
+        return segmentation_loss(decode, aux, labels, loss_cfg)
 
     (total, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     lr = schedule(step)

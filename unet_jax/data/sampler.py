@@ -39,11 +39,14 @@ from absl import flags
 import numpy as np
 
 from unet_jax.data import augment as A
+from unet_jax.data import elastic as E
 from unet_jax.errors import UserError
 
 _PERM_STREAM, _AUG_STREAM = 0, 1
 AUG_FIELDS = ("img_scale", "crop_size", "ratio_range", "cat_max_ratio", "flip_prob",
               "photometric", "mean", "std")
+# Optional sections of `config.data` (the original U-Net's recipe): None when absent.
+OPTIONAL_SECTIONS = ("elastic", "weight_map")
 
 
 class PairSource(Protocol):
@@ -58,7 +61,16 @@ def aug_config(data_cfg: Any) -> SimpleNamespace:
     """The fields of `config.data` the augmentation reads, as a plain picklable object."""
     get = (lambda k: data_cfg[k]) if isinstance(data_cfg, dict) else (
         lambda k: getattr(data_cfg, k))
-    return SimpleNamespace(**{k: _plain(get(k)) for k in AUG_FIELDS})
+    has = (lambda k: k in data_cfg) if isinstance(data_cfg, dict) else (
+        lambda k: hasattr(data_cfg, k) and getattr(data_cfg, k) is not None)
+    optional = {k: _section(get(k)) if has(k) else None for k in OPTIONAL_SECTIONS}
+    return SimpleNamespace(**{k: _plain(get(k)) for k in AUG_FIELDS}, **optional)
+
+
+def _section(value: Any) -> SimpleNamespace:
+    """A config section (ConfigDict, dict, or an `aug_config` result) as a plain namespace."""
+    items = vars(value) if isinstance(value, SimpleNamespace) else dict(value)
+    return SimpleNamespace(**{k: _plain(v) for k, v in items.items()})
 
 
 def _plain(value: Any) -> Any:
@@ -79,6 +91,7 @@ class TrainSampler:
         self.records, self.data_cfg, self.seed = records, aug_config(data_cfg), int(seed)
         self.stream = tuple(int(v) for v in stream)  # extra permutation key (a host's shard)
         self._perms: dict[int, np.ndarray] = {}
+        self._weights: dict[int, np.ndarray] = {}  # record -> weight map (a function of it)
         self._lock = threading.Lock()
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -117,6 +130,37 @@ class TrainSampler:
         return A.train_batch([p[0] for p in pairs], [p[1] for p in pairs],
                              [self.params(i) for i in indices], self.data_cfg)
 
+    def weight_map(self, k: int) -> np.ndarray:
+        """The weight map of record `k`'s label (`elastic.weight_map`), computed once."""
+        with self._lock:
+            cached = self._weights.get(k)
+        if cached is None:
+            w = self.data_cfg.weight_map
+            cached = E.weight_map(self.records.train_pair(k)[1], int(w.cell_class),
+                                  float(w.w0), float(w.sigma))
+            with self._lock:
+                self._weights[k] = cached
+        return cached
+
+    def batch_dict(self, indices: np.ndarray, image_indices: np.ndarray | None = None,
+                   ) -> dict[str, np.ndarray]:
+        """`batch` as the training step takes it: {"image", "label"[, "weight"]}. With
+        `data.elastic` the original U-Net's augmentation (`unet_jax.data.elastic`) replaces
+        mmseg's, drawn from the same per-sample stream; with `data.weight_map` each sample
+        carries its warped weight map."""
+        cfg = self.data_cfg
+        if cfg.elastic is None:
+            image, label = self.batch(indices, image_indices)
+            return {"image": image, "label": label}
+        picks = indices if image_indices is None else image_indices
+        records = [self.image_index(int(i)) for i in picks]
+        pairs = [self.records.train_pair(k) for k in records]
+        weights = [self.weight_map(k) if cfg.weight_map is not None else None for k in records]
+        params = [E.sample_params(np.random.default_rng([self.seed, _AUG_STREAM, int(i)]),
+                                  pair[1].shape, cfg.elastic)
+                  for i, pair in zip(indices, pairs)]
+        return E.train_batch([p[0] for p in pairs], [p[1] for p in pairs], weights, params, cfg)
+
 
 def step_indices(step: int, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> np.ndarray:
@@ -141,8 +185,7 @@ class BatchPlan:
         rows = step_indices(step, self.global_batch_size, self.process_index, self.process_count)
         local = self.global_batch_size // self.process_count
         own = step_indices(step, local) if self.host_shard else None
-        image, label = sampler.batch(rows, own)
-        return {"image": image, "label": label}
+        return sampler.batch_dict(rows, own)
 
     def sampler(self, records: PairSource) -> TrainSampler:
         stream = (self.process_count, self.process_index) if self.host_shard else ()
@@ -280,7 +323,8 @@ def train_batches(source: PairSource, data_cfg: Any, *, global_batch_size: int,
                   prefetch: int = 2, max_restarts: int = 3, stall_s: float = 30.0,
                   ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite training batches of this host, in step order from `start_step`:
-    dict(image float32 (B_local, h, w, 3) normalised RGB, label int32 (B_local, h, w)).
+    dict(image float32 (B_local, h, w, 3) normalised RGB, label int32 (B_local, h, w)[, weight
+    float32 (B_local, h, w) with `data.weight_map`]).
 
     (h, w) = data_cfg.crop_size; B_local = global_batch_size // process_count. With
     `host_shard`, `source` is this host's shard of the split: images are drawn from it alone,

@@ -14,6 +14,7 @@ from flax import nnx
 from unet_jax.errors import ConfigError
 from unet_jax.models.heads import ASPPHead, FCNHead, PSPHead
 from unet_jax.models.unet import UNet
+from unet_jax.models.unet2015 import UNet2015
 
 # Compute dtypes. float64 (parameters and statistics in float64 too) needs jax_enable_x64; it is
 # a reference for precision checks, not a training setting.
@@ -54,6 +55,32 @@ class EncoderDecoder(nnx.Module):
         return self.decode_head(self.extract_feat(x))
 
 
+class Original2015(nnx.Module):
+    """The 2015 U-Net behind the segmentor's interface: `__call__` -> (logits, None) in training,
+    `predict` -> logits. Its logits are smaller than the input (92 px of context each side).
+
+    The pipeline hands every model an RGB image; a grey dataset (ISBI 2012) decodes to three
+    equal channels, so with `in_channels` 1 the net reads channel 0 alone, which is the grey
+    image exactly, and keeps the paper's single-channel first layer (31,030,658 parameters).
+    """
+
+    def __init__(self, net: UNet2015, in_channels: int):
+        self.net = net
+        self.in_channels = in_channels
+
+    def _input(self, x: jax.Array) -> jax.Array:
+        return x[..., :self.in_channels]
+
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, None]:
+        """Logits (N, H - 184, W - 184, C); dropout masks from `dropout_key` (None: none)."""
+        return self.net(self._input(x), dropout_key), None
+
+    def predict(self, x: jax.Array) -> jax.Array:
+        """Logits without dropout (N, H - 184, W - 184, C)."""
+        return self.net(self._input(x))
+
+
 def head_channels(head: str, base_channels: int) -> int:
     """Decode-head width for a backbone width: FCN = base, PSP/ASPP = base // 4."""
     return base_channels if head == "fcn" else max(base_channels // 4, 1)
@@ -62,11 +89,13 @@ def head_channels(head: str, base_channels: int) -> int:
 def output_channels(model_cfg: Any) -> int:
     """The logits per pixel of `config.model`: num_classes, or 1 for a binary model (one
     sigmoid channel; mmseg's decode head `out_channels=1`)."""
-    return int(model_cfg.out_channels or model_cfg.num_classes)
+    return int(model_cfg.get("out_channels", 0) or model_cfg.num_classes)
 
 
-def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> EncoderDecoder:
-    """Build the segmentor described by `config.model` (see `unet_jax.recipe`)."""
+def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0
+                ) -> EncoderDecoder | Original2015:
+    """Build the segmentor described by `config.model` (see `unet_jax.recipe`): mmseg's UNet
+    with its heads, or with `model.name` "unet2015" the original U-Net."""
     rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
     m = model_cfg
     dtype = DTYPES[m.dtype]
@@ -75,6 +104,10 @@ def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0) 
             "model.dtype 'float64' needs 64-bit JAX: call jax.config.update('jax_enable_x64', "
             "True) (or set JAX_ENABLE_X64=1) before building the model; with jax_enable_x64 off "
             "JAX silently computes float64 arrays in float32")
+    if m.get("name", "unet_s5_d16") == "unet2015":
+        net = UNet2015(m.in_channels, m.num_classes, dropout_rate=m.dropout_ratio,
+                       base_channels=m.base_channels, dtype=dtype, rngs=rngs)
+        return Original2015(net, m.in_channels)
     base = m.base_channels
     backbone = UNet(
         in_channels=m.in_channels, base_channels=base, num_stages=m.num_stages,

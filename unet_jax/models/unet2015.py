@@ -116,18 +116,21 @@ class UNet2015(nnx.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, *,
-                 dropout_rate: float = 0.5, dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout_rate: float = 0.5, base_channels: int = 64, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate: expected 0 <= rate < 1, found {dropout_rate}")
         self.dropout_rate = float(dropout_rate)
-        ins = (in_channels,) + CHANNELS[:-1]
+        # the paper's widths for base_channels 64; narrower nets (tests, CPU smoke runs) scale
+        chans = tuple(base_channels * c // CHANNELS[0] for c in CHANNELS)
+        ins = (in_channels,) + chans[:-1]
         self.down = nnx.List([DoubleConv(i, o, dtype=dtype, rngs=rngs)
-                              for i, o in zip(ins, CHANNELS)])
-        self.up = nnx.List([UpConv(CHANNELS[k + 1], CHANNELS[k], dtype=dtype, rngs=rngs)
+                              for i, o in zip(ins, chans)])
+        self.up = nnx.List([UpConv(chans[k + 1], chans[k], dtype=dtype, rngs=rngs)
                             for k in reversed(range(4))])
-        self.dec = nnx.List([DoubleConv(2 * CHANNELS[k], CHANNELS[k], dtype=dtype, rngs=rngs)
+        self.dec = nnx.List([DoubleConv(2 * chans[k], chans[k], dtype=dtype, rngs=rngs)
                              for k in reversed(range(4))])
-        self.cls = Conv(CHANNELS[0], num_classes, 1, dtype=dtype, rngs=rngs)
+        self.cls = Conv(chans[0], num_classes, 1, dtype=dtype, rngs=rngs)
 
     def _dropout(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         if key is None or self.dropout_rate == 0.0:
