@@ -22,6 +22,8 @@ file holds per pixel the value of its class: `data.label_values` in `data.classe
 marks pixels to ignore. `data.fov_labels` (optional, 2 classes): a sub-folder of field-of-view
 masks named like the labels (nonzero = inside) for the vessel metrics. `model.num_classes`
 follows `data.classes`; `data.palette` (display colours) is derived when empty.
+`data.sample_weights` (optional): a file under `data.root` of `stem,weight` lines, each training
+image's loss weight (1 for stems not listed), e.g. less weight for roughly annotated images.
 
 Derived from the training images when left at (0, 0) (`unet_jax.data.folder.complete_config`):
 `data.image_size` and `data.img_scale` (the most common image size: the test resize is an
@@ -59,6 +61,7 @@ def get_config(arg=None):
     config.data.label_values = ()          # 0..K-1
     config.data.ignore_value = -1          # 255 unless 255 is a class value
     config.data.fov_labels = ""
+    config.data.sample_weights = ""        # optional file of "stem,weight" lines (loss weights)
     config.data.image_size = (0, 0)        # (0, 0): derived from the images (see above)
     config.data.img_scale = (0, 0)
     config.data.crop_size = (0, 0)

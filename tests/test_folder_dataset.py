@@ -131,6 +131,54 @@ def test_derived_defaults_and_config_checks(tmp_path):
         config_for(tmp_path, tmp_path, data__classes=("a", "b", "c"), data__fov_labels="fov")
 
 
+def test_sample_weights_reach_the_loss_per_record(tmp_path):
+    """data.sample_weights: every batch row carries its record's weight (1 where the file is
+    silent), and the training step's loss is mmseg's weighted one: with every weight 2 it is
+    twice the unweighted loss (the mean of weighted pixel losses, avg_non_ignore off)."""
+    import jax
+    from unet_jax.data.sampler import BatchPlan, aug_config
+    from unet_jax.losses import segmentation_loss
+
+    rng = np.random.default_rng(6)
+    write_set(tmp_path / "set", {"train": {f"s{i}": Image.fromarray(classes_map(rng, 2))
+                                           for i in range(3)},
+                                 "val": {"v0": Image.fromarray(classes_map(rng, 2))}})
+    (tmp_path / "set" / "weights.csv").write_text("# stem,weight\ns0, 0.5\n\ns2,3\n")
+    config = config_for(tmp_path / "set", tmp_path, data__sample_weights="weights.csv")
+    train = D.source(config.data, "train")
+    weights = F.sample_weights(config.data, train.names())
+    assert dict(zip(train.names(), weights.tolist())) == {"s0": 0.5, "s1": 1.0, "s2": 3.0}
+    plan = BatchPlan(aug_config(config.data), 0, 4, 0, 1, False, tuple(weights))
+    sampler = plan.sampler(train)
+    batch = plan.make(sampler, 1)
+    rows = [sampler.image_index(i) for i in range(4, 8)]
+    np.testing.assert_array_equal(batch["sample_weight"], weights[rows])
+    assert F.sample_weights(tiny_config().data, train.names()) is None
+
+    logits = jax.random.normal(jax.random.key(0), (*batch["label"].shape, 2))
+    plain, _ = segmentation_loss(logits, None, batch["label"], config.loss)
+    doubled, _ = segmentation_loss(logits, None, batch["label"], config.loss,
+                                   sample_weight=np.full(4, 2.0, np.float32))
+    np.testing.assert_allclose(doubled, 2 * plain, rtol=1e-6)
+
+
+def test_a_broken_sample_weights_file_is_listed_with_the_other_problems(tmp_path):
+    rng = np.random.default_rng(7)
+    write_set(tmp_path / "set", {"train": {f"s{i}": Image.fromarray(classes_map(rng, 2))
+                                           for i in range(2)},
+                                 "val": {"v0": Image.fromarray(classes_map(rng, 2))}})
+    weights = tmp_path / "set" / "w.txt"
+    weights.write_text("s0,1\ns0,2\nv0,1\ns1,-1\nnope\n")
+    with pytest.raises(DataProblems) as caught:
+        D.prepare(config_for(tmp_path / "set", tmp_path, data__sample_weights="w.txt").data)
+    assert list(caught.value.problems) == [
+        f"{weights}:2: 's0' is listed twice",
+        f"{weights}:3: 'v0' is no image of the training split",
+        f"{weights}:4: expected 'stem,weight' with a finite weight >= 0, found 's1,-1'",
+        f"{weights}:5: expected 'stem,weight' with a finite weight >= 0, found 'nope'"]
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record"))
+
+
 # ------------------------------------------------------------------------------ broken sets
 def test_every_problem_is_listed_and_nothing_is_written(tmp_path):
     rng = np.random.default_rng(5)

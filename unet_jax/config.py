@@ -449,6 +449,9 @@ def _check_folder(c: Any) -> None:
     for field in ("train_images", "train_labels", "val_images", "val_labels", "image_suffix",
                   "label_suffix", "fov_labels"):
         _str(c, f"data.{field}")
+    if _str(c, "data.sample_weights") and c.data.get("weight_map") is not None:
+        raise _fail("data.sample_weights", "empty with data.weight_map (the original U-Net's "
+                    "weighted loss takes no per-sample weight)", c.data.sample_weights)
     for field in ("train_images", "train_labels"):
         _str(c, f"data.{field}", allow_empty=False)
     stems = _get(c, "data.val_stems")

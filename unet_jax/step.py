@@ -140,7 +140,8 @@ def train_step(graphdef: nnx.GraphDef, loss_cfg: Any, schedule: optax.Schedule, 
         labels = batch["label"]
         if decode.shape[1:3] != labels.shape[1:3] and aux is None:  # an unpadded net's output
             labels = centre_crop(labels, decode.shape[1], decode.shape[2])
-        return segmentation_loss(decode, aux, labels, loss_cfg)
+        return segmentation_loss(decode, aux, labels, loss_cfg,
+                                 sample_weight=batch.get("sample_weight"))
 
     (total, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     lr = schedule(step)

@@ -303,12 +303,13 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
     board = TensorBoard(workdir, start)
     step_fn = parallel.jit_step(make_train_step(train, config), train.state, mesh)
 
+    from unet_jax.data.folder import sample_weights
     from unet_jax.data.sampler import train_batches
     batches: Iterator[dict[str, np.ndarray]] = train_batches(
         train_ds, config.data, global_batch_size=t.batch_size, seed=t.seed,
         start_step=start, process_index=jax.process_index(),
         process_count=jax.process_count(), host_shard=config.data.host_shard,
-        workers=config.data.workers)
+        workers=config.data.workers, sample_weights=sample_weights(config.data, train_ds.names()))
 
     # ---- the loop
     watcher = checkpoint.PreemptionWatcher()

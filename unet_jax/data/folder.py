@@ -9,6 +9,10 @@ each) and nothing is written then. The records lie in `<data.tfds_data_dir>/fold
 where `key` digests the settings and every file's size and modification time: editing the folder
 prepares it again, an unchanged folder is prepared once.
 
+`data.sample_weights` (optional) names a text file of `stem,weight` lines: each training image's
+loss weight (mmseg's per-sample `weight`; 1 for stems it does not list). It is checked with the
+pairs and read when training starts, not stored in the records (editing it prepares nothing).
+
 `complete_config` fills what `configs/folder.py` cannot know before the folder is seen: the
 number of classes, the label values and palette, and the sizes left at (0, 0) (from the most
 common training image size).
@@ -253,6 +257,59 @@ def read_item(item: Item, data: Any) -> tuple[dict[str, Any] | None, list[str]]:
     return example, []
 
 
+# ------------------------------------------------------------------------------ sample weights
+def _weights_file(data: Any) -> Path | None:
+    name = str(data.get("sample_weights", ""))
+    return (root(data) / name) if name else None
+
+
+def read_sample_weights(data: Any, train_stems: Sequence[str]
+                        ) -> tuple[dict[str, float], list[str]]:
+    """(stem -> weight from `data.sample_weights`; its problems, one line each naming the file
+    and line): a line is `stem,weight` (blank lines and `#` comments skipped), the weight a
+    finite number >= 0, the stem one of the training split's, each stem once."""
+    path = _weights_file(data)
+    if path is None:
+        return {}, []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return {}, [f"{path}: cannot read the sample weights (data.sample_weights): "
+                    f"{getattr(err, 'strerror', None) or err}"]
+    known, weights, problems = set(train_stems), {}, []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        stem, _, value = (part.strip() for part in line.rpartition(","))
+        where = f"{path}:{number}"
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not stem or not np.isfinite(weight) or weight < 0:
+            problems.append(f"{where}: expected 'stem,weight' with a finite weight >= 0, found "
+                            f"{line!r}")
+        elif stem not in known:
+            problems.append(f"{where}: {stem!r} is no image of the training split")
+        elif stem in weights:
+            problems.append(f"{where}: {stem!r} is listed twice")
+        else:
+            weights[stem] = weight
+    return weights, problems
+
+
+def sample_weights(data: Any, names: Sequence[str]) -> np.ndarray | None:
+    """The loss weight of each training record (`names` in record order), or None when
+    `data.sample_weights` is not set; the file was checked when the set was prepared."""
+    if _weights_file(data) is None:
+        return None
+    weights, problems = read_sample_weights(data, names)
+    if problems:  # the file changed since preparation
+        raise DataProblems(problems)
+    return np.asarray([weights.get(n, 1.0) for n in names], np.float32)
+
+
 # ------------------------------------------------------------------------------ preparing
 def _key(data: Any, items: Sequence[Item]) -> str:
     """A digest of everything the records depend on: settings, and each file's size and time."""
@@ -321,6 +378,7 @@ def prepare(data: Any) -> Path:
     the records folder (see the module). Raises `DataProblems` listing every problem; nothing is
     written then."""
     items, problems = find_items(data)
+    problems += read_sample_weights(data, [i.stem for i in items if i.split == "train"])[1]
     folder = records_folder(data, items)
     if not problems and all(records.split_path(folder, s).is_file() for s in SPLITS):
         return folder

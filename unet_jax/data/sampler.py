@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from types import SimpleNamespace
@@ -83,13 +83,16 @@ class TrainSampler:
     """Global sample index -> augmented (image, label), a pure function of (seed, index)."""
 
     def __init__(self, records: PairSource, data_cfg: Any, seed: int,
-                 stream: tuple[int, ...] = ()):
+                 stream: tuple[int, ...] = (), sample_weights: Sequence[float] | None = None):
         if seed < 0:
             raise ValueError(f"seed: expected a non-negative int, found {seed}")
         if not records:
             raise ValueError("training split: expected at least one example, found none")
         self.records, self.data_cfg, self.seed = records, aug_config(data_cfg), int(seed)
         self.stream = tuple(int(v) for v in stream)  # extra permutation key (a host's shard)
+        # each record's loss weight (`data.sample_weights`), or None: no per-sample weight
+        self.sample_weights = (None if sample_weights is None
+                               else np.asarray(sample_weights, np.float32))
         self._perms: dict[int, np.ndarray] = {}
         self._weights: dict[int, np.ndarray] = {}  # record -> weight map (a function of it)
         self._lock = threading.Lock()
@@ -144,10 +147,20 @@ class TrainSampler:
 
     def batch_dict(self, indices: np.ndarray, image_indices: np.ndarray | None = None,
                    ) -> dict[str, np.ndarray]:
-        """`batch` as the training step takes it: {"image", "label"[, "weight"]}. With
-        `data.elastic` the original U-Net's augmentation (`unet_jax.data.elastic`) replaces
-        mmseg's, drawn from the same per-sample stream; with `data.weight_map` each sample
-        carries its warped weight map."""
+        """`batch` as the training step takes it: {"image", "label"[, "weight"][,
+        "sample_weight"]}. With `data.elastic` the original U-Net's augmentation
+        (`unet_jax.data.elastic`) replaces mmseg's, drawn from the same per-sample stream; with
+        `data.weight_map` each sample carries its warped weight map; with sample weights each
+        sample its record's loss weight (B,)."""
+        batch = self._augmented(indices, image_indices)
+        if self.sample_weights is not None:
+            picks = indices if image_indices is None else image_indices
+            batch["sample_weight"] = self.sample_weights[[self.image_index(int(i))
+                                                          for i in picks]]
+        return batch
+
+    def _augmented(self, indices: np.ndarray, image_indices: np.ndarray | None
+                   ) -> dict[str, np.ndarray]:
         cfg = self.data_cfg
         if cfg.elastic is None:
             image, label = self.batch(indices, image_indices)
@@ -179,6 +192,7 @@ class BatchPlan:
     process_index: int
     process_count: int
     host_shard: bool
+    sample_weights: tuple[float, ...] | None = None  # per record of the source (a host's shard)
 
     def make(self, sampler: TrainSampler, step: int) -> dict[str, np.ndarray]:
         """This host's rows of global batch `step`."""
@@ -189,7 +203,7 @@ class BatchPlan:
 
     def sampler(self, records: PairSource) -> TrainSampler:
         stream = (self.process_count, self.process_index) if self.host_shard else ()
-        return TrainSampler(records, self.data_cfg, self.seed, stream)
+        return TrainSampler(records, self.data_cfg, self.seed, stream, self.sample_weights)
 
 
 # ------------------------------------------------------------------------------ grain
@@ -321,6 +335,7 @@ def train_batches(source: PairSource, data_cfg: Any, *, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, host_shard: bool = False, workers: int = 0,
                   prefetch: int = 2, max_restarts: int = 3, stall_s: float = 30.0,
+                  sample_weights: Sequence[float] | None = None,
                   ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite training batches of this host, in step order from `start_step`:
     dict(image float32 (B_local, h, w, 3) normalised RGB, label int32 (B_local, h, w)[, weight
@@ -330,7 +345,8 @@ def train_batches(source: PairSource, data_cfg: Any, *, global_batch_size: int,
     `host_shard`, `source` is this host's shard of the split: images are drawn from it alone,
     by a per-host permutation of the host's own sample counter, so batches depend on
     (seed, step, process_count). `workers` grain processes build the batches (0: this
-    process), `prefetch` per worker ahead of the consumer. A worker that dies, or that leaves
+    process), `prefetch` per worker ahead of the consumer. `sample_weights` (one per record of
+    `source`) adds each sample's loss weight as "sample_weight" (B_local,). A worker that dies, or that leaves
     the consumer waiting `stall_s` seconds for a batch (the first one of a start: at least
     120 s, the workers import and decode), is replaced:
     new workers from the next undelivered step, so the same batches, with a warning line; after
@@ -346,8 +362,12 @@ def train_batches(source: PairSource, data_cfg: Any, *, global_batch_size: int,
         raise ValueError(f"start_step: expected >= 0, found {start_step}")
     if not len(source):
         raise ValueError("training split: expected at least one example, found none")
+    if sample_weights is not None and len(sample_weights) != len(source):
+        raise ValueError(f"sample_weights: expected one per record ({len(source)}), found "
+                         f"{len(sample_weights)}")
     plan = BatchPlan(aug_config(data_cfg), int(seed), int(global_batch_size),
-                     int(process_index), int(process_count), bool(host_shard))
+                     int(process_index), int(process_count), bool(host_shard),
+                     None if sample_weights is None else tuple(map(float, sample_weights)))
     step, restarts = start_step, 0
     while True:
         watchdog = _Watchdog(stall_s, max(4 * stall_s, 120.0))
