@@ -262,6 +262,15 @@ def test_resume_with_another_model_is_refused_with_a_diff(finished, tmp_path):
                                            r"model.head: 'fcn' in the workdir, 'pspnet' now"):
         train_and_evaluate(other, copy)
     assert (copy / "config.json").read_text() == before
+    # a run recorded before a model field existed held that field's default: same model
+    from unet_jax.train import _check_same_model
+    record = json.loads(before)
+    for field in ("name", "out_channels"):
+        del record["model"][field]
+    (copy / "config.json").write_text(json.dumps(record))
+    _check_same_model(copy, make())
+    with pytest.raises(WorkdirError, match=r"model.base_channels: 4 in the workdir, 8 now"):
+        _check_same_model(copy, other)
 
 
 # The tiny run's state (0.9 MiB) does not fit in a 64 KiB disk: the space check refuses the

@@ -88,7 +88,12 @@ def _check_same_model(workdir: Path, config: Any) -> None:
         saved = json.loads(path.read_text()).get("model", {})
     except (OSError, json.JSONDecodeError):
         return
+    from unet_jax.recipe import unet_s5_d16
+
     ours = json.loads(config.model.to_json())
+    # a field added since the run began is absent from its record: it held the default then
+    defaults = json.loads(unet_s5_d16(config.model.head, "ce").model.to_json())
+    saved = {**{k: v for k, v in defaults.items() if k in ours}, **saved}
     diff = [f"model.{k}: {saved.get(k)!r} in the workdir, {ours.get(k)!r} now"
             for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
     if diff:
