@@ -291,18 +291,21 @@ class ConvTranspose(nnx.Module):
     `kernel` is (k, k, in, out), torch's (in, out, k, k) weight with its axes moved, not flipped:
     input pixel y adds `x[y] * kernel[i]` to output pixel y * stride - padding + i. It runs as
     the equivalent stride-1 conv of the flipped kernel over the input dilated by `stride`.
-    Initialised with the variance of torch's default (uniform, bound 1 / sqrt(out k k)), which
-    mmseg keeps for it (its UNet's Kaiming init names Conv2d only).
+    By default initialised with the variance of torch's default (uniform, bound
+    1 / sqrt(out k k)), which mmseg keeps for it (its UNet's Kaiming init names Conv2d only);
+    `kernel_init` / `bias_init` (key, shape, dtype) -> array replace it (e.g. the 2015 U-Net's
+    He init of its 2x2 up-convolution, which is this layer with kernel 2, stride 2).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
                  padding: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 kernel_init=None, bias_init=None, rngs: nnx.Rngs):
         std = float(1.0 / np.sqrt(3.0 * out_channels * kernel_size * kernel_size))
-        init = host_normal(lambda s: std)
+        torch_like = host_normal(lambda s: std)
         shape = (kernel_size, kernel_size, in_channels, out_channels)
-        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
-        self.bias = nnx.Param(init(rngs.params(), (out_channels,), param_dtype))
+        self.kernel = nnx.Param((kernel_init or torch_like)(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param((bias_init or torch_like)(rngs.params(), (out_channels,),
+                                                        param_dtype))
         self.stride, self.padding = stride, padding
         self.dtype = dtype
 
