@@ -159,7 +159,7 @@ class Conv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        kernel = self.kernel[...].astype(self.dtype)[::-1, ::-1]
+        kernel = self.kernel[...].astype(self.dtype)
         k, p, d, s = kernel.shape[0], self.padding, self.dilation, self.stride
         if s == 1 and _small(x.shape[1] + 2 * p - d * (k - 1), x.shape[2] + 2 * p - d * (k - 1)):
             return conv2d_gemm(x, kernel, p, d)
