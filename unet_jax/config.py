@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from unet_jax.errors import ConfigError, UserError, one_line
-from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES, MODELS
+from unet_jax.recipe import DATASET_FIELDS, HEADS, LOSSES, MODELS, UPSAMPLES
 
 DATASET_NAMES = ("drive", "stare", "chase_db1", "hrf", "cityscapes", "synthetic", "folder")
 # Datasets whose builder takes options from a section of `data` (unet_jax.data.loading.DATASETS).
@@ -319,8 +319,16 @@ def _check_model(c: Any) -> None:
     if (not isinstance(downsamples, (tuple, list)) or len(downsamples) != stages - 1
             or not all(isinstance(v, bool) for v in downsamples)):
         raise _fail("model.downsamples", f"a tuple of {stages - 1} booleans", downsamples)
-    for field in ("with_cp", "norm_eval", "aux"):
+    for field in ("with_cp", "norm_eval", "aux", "upsample_conv_first"):
         _bool(c, f"model.{field}")
+    upsample = _choice(c, "model.upsample", UPSAMPLES)
+    kernel = _int(c, "model.deconv_kernel_size", 2)
+    if kernel % 2:
+        raise _fail("model.deconv_kernel_size", "an even kernel size >= 2 (the transposed conv "
+                    "doubles the map: stride 2, padding (kernel - 2) / 2)", kernel)
+    if upsample == "deconv" and _get(c, "model.upsample_conv_first"):
+        raise _fail("model.upsample_conv_first", "False with model.upsample='deconv' (conv_first "
+                    "is an InterpConv option: upsample 'bilinear' or 'nearest')", True)
     _float(c, "model.dropout_ratio", 0.0, 1.0, high_open=True)
     _ints(c, "model.pool_scales")
     _ints(c, "model.dilations")

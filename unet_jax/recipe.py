@@ -18,6 +18,11 @@ HEADS = ("fcn", "pspnet", "deeplabv3")
 # model.name: mmseg's UNet with a head, or the original 2015 U-Net (unet_jax.models.unet2015)
 MODELS = ("unet_s5_d16", "unet2015")
 LOSSES = ("ce", "ce_dice")
+# model.upsample -> mmseg's upsample_cfg of the UNet decoder (unet_jax.models.unet):
+#   bilinear: dict(type='InterpConv')  (with model.upsample_conv_first: conv_first=True)
+#   nearest:  dict(type='InterpConv', upsample_cfg=dict(scale_factor=2, mode='nearest'))
+#   deconv:   dict(type='DeconvModule', kernel_size=model.deconv_kernel_size)
+UPSAMPLES = ("bilinear", "nearest", "deconv")
 # Filled in by each dataset config.
 DATASET_FIELDS = (
     "model.num_classes", "train.num_steps", "train.eval_every", "train.checkpoint_every",
@@ -100,6 +105,10 @@ def unet_s5_d16(head: str, loss: str) -> ml_collections.ConfigDict:
         dec_dilations=(1, 1, 1, 1),
         with_cp=False,           # activation checkpointing (memory only, same maths)
         norm_eval=False,         # freeze backbone BatchNorm statistics during training
+        upsample="bilinear",     # decoder x2 upsampling (mmseg upsample_cfg): bilinear | nearest
+                                 # (InterpConv: interpolation + 1x1 conv) | deconv (DeconvModule)
+        upsample_conv_first=False,   # InterpConv(conv_first=True): the 1x1 conv before it
+        deconv_kernel_size=4,    # DeconvModule's transposed conv: kernel (even), stride 2
         dropout_ratio=0.1,       # Dropout2d before conv_seg, both heads
         pool_scales=(1, 2, 3, 6),    # PSP head
         dilations=(1, 12, 24, 36),   # ASPP head

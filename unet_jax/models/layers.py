@@ -273,10 +273,50 @@ class MaxPool(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Bilinear x2 upsampling with align_corners=False (mmseg's `Upsample` wrapper)."""
+    """x2 upsampling as mmseg's `Upsample` wrapper: bilinear with align_corners=False, or
+    nearest (torch's: output pixel d reads input pixel floor(d / 2), i.e. each one repeated)."""
+
+    def __init__(self, mode: str = "bilinear"):
+        self.mode = mode
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.mode == "nearest":
+            return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return resize_bilinear(x, (x.shape[1] * 2, x.shape[2] * 2))
+
+
+class ConvTranspose(nnx.Module):
+    """torch.nn.ConvTranspose2d (with bias) on NHWC: output size (H - 1) stride - 2 padding + k.
+
+    `kernel` is (k, k, in, out), torch's (in, out, k, k) weight with its axes moved, not flipped:
+    input pixel y adds `x[y] * kernel[i]` to output pixel y * stride - padding + i. It runs as
+    the equivalent stride-1 conv of the flipped kernel over the input dilated by `stride`.
+    By default initialised with the variance of torch's default (uniform, bound
+    1 / sqrt(out k k)), which mmseg keeps for it (its UNet's Kaiming init names Conv2d only);
+    `kernel_init` / `bias_init` (key, shape, dtype) -> array replace it (e.g. the 2015 U-Net's
+    He init of its 2x2 up-convolution, which is this layer with kernel 2, stride 2).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int,
+                 padding: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_init=None, bias_init=None, rngs: nnx.Rngs):
+        std = float(1.0 / np.sqrt(3.0 * out_channels * kernel_size * kernel_size))
+        torch_like = host_normal(lambda s: std)
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.kernel = nnx.Param((kernel_init or torch_like)(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param((bias_init or torch_like)(rngs.params(), (out_channels,),
+                                                        param_dtype))
+        self.stride, self.padding = stride, padding
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)[::-1, ::-1]
+        edge = kernel.shape[0] - 1 - self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel, (1, 1), [(edge, edge), (edge, edge)],
+            lhs_dilation=(self.stride, self.stride),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.bias[...].astype(self.dtype)
 
 
 def _bilinear_matrix(n_in: int, n_out: int, dtype: jnp.dtype) -> jax.Array:

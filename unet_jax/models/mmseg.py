@@ -40,14 +40,27 @@ def _variables(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
     return out
 
 
+# The one transposed conv (mmseg's DeconvModule, its attribute name misspelt as in mmseg): torch
+# keeps its weight as (in, out, kh, kw), ours is (kh, kw, in, out); the same permutation both ways.
+_DECONV_WEIGHT = ".deconv_upsamping.0.weight"
+
+
 def to_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
-    """Our array for `key` in torch layout (4-D conv kernels HWIO -> OIHW)."""
-    return np.ascontiguousarray(value.transpose(3, 2, 0, 1)) if value.ndim == 4 else value
+    """Our array for `key` in torch layout (4-D conv kernels HWIO -> OIHW, the transposed
+    conv's (kh, kw, in, out) -> (in, out, kh, kw))."""
+    if value.ndim != 4:
+        return value
+    axes = (2, 3, 0, 1) if key.endswith(_DECONV_WEIGHT) else (3, 2, 0, 1)
+    return np.ascontiguousarray(value.transpose(axes))
 
 
 def from_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
-    """A torch array for `key` in our layout (4-D conv weights OIHW -> HWIO)."""
-    return np.ascontiguousarray(value.transpose(2, 3, 1, 0)) if value.ndim == 4 else value
+    """A torch array for `key` in our layout (4-D conv weights OIHW -> HWIO, the transposed
+    conv's (in, out, kh, kw) -> (kh, kw, in, out))."""
+    if value.ndim != 4:
+        return value
+    axes = (2, 3, 0, 1) if key.endswith(_DECONV_WEIGHT) else (2, 3, 1, 0)
+    return np.ascontiguousarray(value.transpose(axes))
 
 
 def model_state_dict(model: nnx.Module, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
@@ -55,7 +68,7 @@ def model_state_dict(model: nnx.Module, num_batches_tracked: int = 0) -> dict[st
     sd = {}
     for key, (_, var) in _variables(model).items():
         sd[key] = to_torch_layout(key, np.asarray(var[...], np.float32))
-        if key.endswith("bn.running_var"):
+        if key.endswith(".running_var"):  # every BatchNorm, the deconv's included
             sd[key[: -len("running_var")] + "num_batches_tracked"] = np.array(
                 num_batches_tracked, np.int64)
     return sd
@@ -82,7 +95,20 @@ def describe_checkpoint(sd: Mapping[str, np.ndarray]) -> str:
     return (f"the checkpoint holds a {head} decode head ({channels} channels) with {classes} "
             f"and base_channels {width}: use {dataset} with ':{head},ce' (plus "
             f"--config.model.base_channels={width} --config.model.head_channels={channels} "
-            f"if the widths differ from the zoo's 64 and {64 if head == 'fcn' else 16})")
+            f"if the widths differ from the zoo's 64 and {64 if head == 'fcn' else 16})"
+            + _describe_upsample(sd))
+
+
+def _describe_upsample(sd: Mapping[str, np.ndarray]) -> str:
+    """The decoder's upsampling as far as its keys tell (not bilinear vs nearest: no weights)."""
+    deconv = next((v for k, v in sd.items() if k.endswith(_DECONV_WEIGHT)), None)
+    if deconv is not None:
+        return (f"; its decoder upsamples with DeconvModule: --config.model.upsample=deconv "
+                f"--config.model.deconv_kernel_size={int(np.shape(deconv)[-1])}")
+    if any(".interp_upsample.0.conv." in k for k in sd):
+        return ("; its decoder's InterpConv has conv_first=True: "
+                "--config.model.upsample_conv_first=True")
+    return ""
 
 
 def mismatch_message(src: Any, missing: list[str], unexpected: list[str], shapes: list[str],

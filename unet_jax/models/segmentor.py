@@ -114,7 +114,9 @@ def build_model(model_cfg: Any, *, rngs: nnx.Rngs | None = None, seed: int = 0
         strides=tuple(m.strides), enc_num_convs=tuple(m.enc_num_convs),
         dec_num_convs=tuple(m.dec_num_convs), downsamples=tuple(m.downsamples),
         enc_dilations=tuple(m.enc_dilations), dec_dilations=tuple(m.dec_dilations),
-        with_cp=m.with_cp, norm_eval=m.norm_eval, dtype=dtype, rngs=rngs)
+        with_cp=m.with_cp, norm_eval=m.norm_eval, upsample=m.upsample,
+        upsample_conv_first=m.upsample_conv_first, deconv_kernel_size=m.deconv_kernel_size,
+        dtype=dtype, rngs=rngs)
     channels = m.head_channels or head_channels(m.head, base)
     out = output_channels(m)
     decode_index = m.num_stages - 1
