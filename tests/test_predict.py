@@ -270,3 +270,76 @@ def test_cli_skips_unreadable_images(tmp_path: Path, pth: Path):
     assert lines[2] == (f"unet_jax.predict: 2 of 3 images could not be read: {inputs / 'bad.tif'}"
                         f", {inputs / 'bomb.png'}")
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["good.png", "good_overlay.png"]
+
+
+# ------------------------------------------------------------------------------ ISBI submission
+@pytest.fixture(scope="module")
+def isbi_segmenter() -> Segmenter:
+    """configs/isbi2012.py:cpu at base width 2 (random weights), 252 -> 68 overlap tiles."""
+    from unet_jax.config import check_config, load_config
+    config = load_config(str(REPO / "configs" / "isbi2012.py:cpu"))
+    config.model.base_channels = 2
+    config.eval.update(dict(crop_size=(252, 252), stride=(68, 68)))
+    config = check_config(config)
+    return Segmenter(config, build_model(config.model))
+
+
+def test_isbi_submission_is_p_cell_of_the_saved_logits_in_name_order(tmp_path: Path,
+                                                                     isbi_segmenter: Segmenter):
+    """Overlap-tile (unet2015) logits at the input size; one float32 TIFF page per slice, in
+    natural name order, each the softmax of that slice's saved logits at the cell class."""
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("10.png", "2.png"):   # name order: 2 before 10 (lexicographic would swap)
+        Image.fromarray(rng.integers(0, 256, (60, 90), dtype=np.uint8)).save(folder / name)
+    out, tif = tmp_path / "out", tmp_path / "submission.tif"
+    plans = predict.plan_outputs([folder], out, save_logits=True)
+    sub = predict.check_submission_path(tif, plans)
+    report = predict.write_predictions(isbi_segmenter, plans, resize=False, progress=False,
+                                       submission=sub)
+    assert len(report.written) == 2 and not report.failed
+    with Image.open(tif) as img:
+        assert img.format == "TIFF" and img.n_frames == 2
+        pages = []
+        for k in range(2):
+            img.seek(k)
+            assert img.mode == "F" and img.tag_v2[339] == (3,) and img.tag_v2[258] == (32,)
+            pages.append(np.array(img))
+    for page, stem in zip(pages, ("2", "10")):
+        logits = np.load(out / f"{stem}_logits.npy").astype(np.float64)
+        assert logits.shape == (60, 90, 2) and page.shape == (60, 90) and page.dtype == np.float32
+        want = 1.0 / (1.0 + np.exp(logits[..., 0] - logits[..., 1]))  # softmax, cell = class 1
+        np.testing.assert_allclose(page, want, rtol=0, atol=2 ** -23)  # float32 rounding of [0, 1]
+    assert not np.array_equal(pages[0], pages[1])
+    # a rerun may replace the submission predict wrote; other files are refused
+    assert predict.check_submission_path(tif, plans) == tif
+
+
+def test_isbi_submission_refusals(tmp_path: Path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "b.tif")
+    plans = predict.plan_outputs([folder], tmp_path / "out")
+    for path, match in [(tmp_path / "s.png", "expected a .tif or .tiff"),
+                        (folder / "b.tif", r"is also .*in/b\.tif \(an input"),
+                        (tmp_path / "in", "expected a .tif")]:
+        with pytest.raises(InputError, match=match):
+            predict.check_submission_path(path, plans)
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "theirs.tif")
+    with pytest.raises(InputError, match="not written by unet_jax.predict"):
+        predict.check_submission_path(tmp_path / "theirs.tif", plans)
+    with pytest.raises(InputError, match="differ in size"):
+        predict.save_submission(tmp_path / "s.tif", [np.zeros((4, 4)), np.zeros((4, 5))])
+    assert not (tmp_path / "s.tif").exists()
+
+
+def test_cell_probability_of_tta_scores_and_of_one_sigmoid_channel():
+    from ml_collections import ConfigDict
+    logits = np.array([[[0.0, np.log(3.0)]]], np.float32)
+    plain = ConfigDict(dict(eval=dict(tta=False)))
+    assert predict.cell_probability(logits, plain) == pytest.approx(0.75)
+    assert predict.cell_probability(np.array([[[0.2, 0.8]]]),
+                                    ConfigDict(dict(eval=dict(tta=True)))) == pytest.approx(0.8)
+    assert predict.cell_probability(np.array([[[np.log(3.0)]]]), plain) == pytest.approx(0.75)

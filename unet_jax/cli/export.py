@@ -172,6 +172,17 @@ def save_module(module: Any, output: str | Path, meta: dict[str, Any]) -> Path:
     return out
 
 
+def check_exportable(config: Any) -> None:
+    """Refuse (InputError) a config whose TTA the SavedModel would not run:
+    `unet_jax.serving.segment` implements mmseg's TTA (scales x flip) only, so `eval.tta_mode`
+    "dihedral" (the original U-Net's 8 rotations/flips) with `eval.tta` on would silently
+    export another computation."""
+    if config.eval.tta and config.eval.get("tta_mode", "mmseg") != "mmseg":
+        raise InputError(f"eval.tta_mode {config.eval.tta_mode!r}: export runs mmseg's TTA "
+                         "(scales x flip) only; export with --config.eval.tta=False and average "
+                         "the 8 rotations/flips around the SavedModel, or use unet_jax.predict")
+
+
 def export_checkpoint(config: Any, checkpoint: str | Path, output: str | Path, *,
                       platforms: Sequence[str] = DEFAULT_PLATFORMS,
                       overridden: Collection[str] = ()) -> Path:
@@ -180,6 +191,7 @@ def export_checkpoint(config: Any, checkpoint: str | Path, output: str | Path, *
     from unet_jax.io import weights
     from unet_jax.models import build_model
 
+    check_exportable(config)
     out = check_output(output)
     platforms = check_platforms(platforms)
     weights.use_recorded_model(config, checkpoint, overridden)

@@ -2,7 +2,7 @@
 
     python -m unet_jax.predict --config configs/drive.py:fcn,ce --checkpoint CKPT \\
         --input IMAGE_OR_FOLDER [MORE ...] --output DIR [--save_logits] [--noresize] \\
-        [--config.eval.tta=True] [--config.model.base_channels=8 ...]
+        [--isbi_submission FILE.tif] [--config.eval.tta=True] [--config.model.base_channels=8 ...]
 
 CKPT is a weights folder (`python -m unet_jax.convert` output), an mmseg `.pth` read directly
 (no torch needed), or a training workdir (its latest checkpoint). Inputs are image files or
@@ -17,6 +17,13 @@ For every image `<stem>` it writes to DIR:
 * with --save_logits, `<stem>_logits.npy`: float32 H x W x C at the image's original size, the
   window-averaged logits; with `--config.eval.tta=True` the view-averaged softmax probabilities
   instead (mmseg merges TTA views in probability space).
+
+With `--isbi_submission FILE.tif` it also writes the ISBI 2012 challenge's submission: ONE
+multi-page 32-bit float TIFF holding P(cell) (the softmax of the logits, or the TTA-averaged
+probability, of the class `eval.isbi.cell_class`, default 1) of every input, one page per image
+in natural name order (2.png before 10.png: the stack's slice order). All inputs must have the
+same size. Pillow writes it (mode 'F' pages, SampleFormat IEEE float): Pillow is already a
+dependency and tifffile is not, and nothing beyond plain float pages is needed.
 
 Safe outputs: every output path is computed before anything is written, and the run is refused
 (nothing written, exit code 2, both paths named) if an output would be an input file (the same
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,9 +67,9 @@ from unet_jax.evaluate import overlay_image
 from unet_jax.io.images import IMAGE_SUFFIXES, ImageReadError, read_rgb
 from unet_jax.segmenter import Segmenter, full_palette
 
-__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "Outputs", "Report", "full_palette",
-           "list_images", "plan_outputs", "predict_files", "save_label_png",
-           "write_predictions"]
+__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "Outputs", "Report", "cell_probability",
+           "check_submission_path", "full_palette", "list_images", "natural_key", "plan_outputs",
+           "predict_files", "save_label_png", "save_submission", "write_predictions"]
 
 # The text entries of every PNG predict writes: how a rerun knows which files it may replace
 # ("Software" names predict, "Description" says which output of which stem the file is).
@@ -258,8 +266,11 @@ def save_label_png(path: str | Path, label_map: np.ndarray,
 
 # ------------------------------------------------------------------------------ the command
 def write_predictions(segmenter: Segmenter, plans: Sequence[Outputs], *, resize: bool = True,
-                      progress: bool = True) -> Report:
-    """Segment every planned input and write its outputs; unreadable inputs are skipped."""
+                      progress: bool = True, submission: Path | None = None) -> Report:
+    """Segment every planned input and write its outputs; unreadable inputs are skipped. With
+    `submission` (checked by `check_submission_path`), also the ISBI submission TIFF of the
+    images read (module docstring)."""
+    cells: dict[Path, np.ndarray] = {}
     report = Report()
     if plans:
         plans[0].label.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +290,81 @@ def write_predictions(segmenter: Segmenter, plans: Sequence[Outputs], *, resize:
             writes.append((plan.logits, lambda p: save_logits(p, scores)))
         for path, write in writes:
             _write(path, write)
+        if submission is not None:
+            cells[plan.input] = cell_probability(scores, segmenter.config)
         report.written.append(plan)
+    if submission is not None and cells:
+        save_submission(submission, [cells[p] for p in sorted(cells, key=natural_key)])
     return report
+
+
+# ------------------------------------------------------------------------------ ISBI submission
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def natural_key(path: Path) -> list[Any]:
+    """Sort key of a file name with its digit runs compared as numbers ("2.png" < "10.png")."""
+    return [int(t) if t.isdigit() else t.casefold() for t in re.split(r"(\d+)", path.name)]
+
+
+def check_submission_path(path: str | Path, plans: Sequence[Outputs]) -> Path:
+    """The --isbi_submission path, refused (InputError) unless it ends in .tif/.tiff, is no
+    input or other output of the run, and is absent or a TIFF that predict wrote."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        raise InputError(f"--isbi_submission {path}: expected a .tif or .tiff file name")
+    resolved = os.path.normcase(path.resolve()).casefold()
+    for plan in plans:
+        for other in (plan.input, *plan.paths()):
+            if os.path.normcase(other.resolve()).casefold() == resolved:
+                raise InputError(f"--isbi_submission {path}: is also {other} (an input or output "
+                                 "of this run); choose another file name")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise InputError(f"--isbi_submission {path}: exists and is not a plain file")
+    if path.exists() and not _submission_by_predict(path):
+        raise InputError(f"--isbi_submission {path}: exists and was not written by "
+                         "unet_jax.predict; move it or choose another file name")
+    return path
+
+
+def _submission_by_predict(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            return img.format == "TIFF" and img.tag_v2.get(_TIFF_SOFTWARE) == MARKER
+    except Exception:  # noqa: BLE001 -- unreadable or not an image: not ours
+        return False
+
+
+_TIFF_SOFTWARE, _TIFF_DESCRIPTION = 305, 270  # TIFF tags Software, ImageDescription
+
+
+def cell_probability(scores: np.ndarray, config: Any) -> np.ndarray:
+    """P(cell) (H, W) float32 from predict's scores: softmax of the logits (sigmoid of a single
+    binary channel), or with `eval.tta` the averaged probabilities themselves; the cell class is
+    `eval.isbi.cell_class` when the config has that section, else 1."""
+    scores = np.asarray(scores, np.float64)
+    if scores.shape[-1] == 1:
+        prob = scores[..., 0] if config.eval.tta else 1.0 / (1.0 + np.exp(-scores[..., 0]))
+        return prob.astype(np.float32)
+    cell = int(config.eval.isbi.cell_class) if "isbi" in config.eval else 1
+    if config.eval.tta:
+        return scores[..., cell].astype(np.float32)
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (shifted[..., cell] / shifted.sum(axis=-1)).astype(np.float32)
+
+
+def save_submission(path: str | Path, pages: Sequence[np.ndarray]) -> None:
+    """Write float32 (H, W) `pages` as one multi-page 32-bit float TIFF marked as predict's."""
+    sizes = {p.shape for p in pages}
+    if len(sizes) != 1:
+        raise InputError(f"--isbi_submission {path}: the images differ in size "
+                         f"({', '.join('x'.join(map(str, s[::-1])) for s in sorted(sizes))}); "
+                         "a TIFF stack needs one size")
+    images = [Image.fromarray(np.ascontiguousarray(p, np.float32)) for p in pages]
+    info = {_TIFF_SOFTWARE: MARKER, _TIFF_DESCRIPTION: "P(cell), one page per slice"}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write(Path(path), lambda p: images[0].save(p, format="TIFF", save_all=True,
+                                                 append_images=images[1:], tiffinfo=info))
 
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:
@@ -311,12 +395,17 @@ def main(config: Any, argv: Sequence[str]) -> int:
     if not inputs:
         raise InputError("give at least one --input image or folder")
     plans = plan_outputs(inputs, f.output, save_logits=f.save_logits)  # before loading anything
+    submission = (check_submission_path(f.isbi_submission, plans)
+                  if f.isbi_submission else None)
     from ml_collections import config_flags
     segmenter = Segmenter.load(config, f.checkpoint,
                                overridden=config_flags.get_override_values(f["config"]))
-    report = write_predictions(segmenter, plans, resize=f.resize)
+    report = write_predictions(segmenter, plans, resize=f.resize, submission=submission)
     what = "label maps + overlays" + (" + logits" if f.save_logits else "")
     print(f"wrote {what} of {len(report.written)} image(s) to {Path(f.output).absolute()}")
+    if submission is not None and report.written:
+        print(f"wrote the ISBI submission (P(cell) of {len(report.written)} image(s) in name "
+              f"order) to {submission.absolute()}")
     if not report.failed:
         return 0
     for reason in report.failed.values():
@@ -337,6 +426,8 @@ def _define_flags() -> None:
                               "positional paths are inputs too)")
     flags.DEFINE_string("output", None, "output folder")
     flags.DEFINE_bool("save_logits", False, "also write <stem>_logits.npy (float32 H x W x C)")
+    flags.DEFINE_string("isbi_submission", None, "also write P(cell) of every input as one "
+                        "32-bit float TIFF stack in name order (the ISBI 2012 submission)")
     flags.DEFINE_bool("resize", True, "keep-ratio resize to data.img_scale as mmseg's test "
                       "pipeline (--noresize: run at the image's own size)")
     flags.mark_flags_as_required(["checkpoint", "output"])
