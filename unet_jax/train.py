@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import time
 from collections.abc import Collection, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx
 
 from unet_jax import parallel
-from unet_jax.io import checkpoint, weights
+from unet_jax.io import checkpoint, paths, weights
 from unet_jax.config import check_config
 from unet_jax.errors import CheckpointError, DivergenceError, WorkdirError
 from unet_jax.io.lock import WorkdirLock
+from unet_jax.io.paths import Path
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
 from unet_jax.step import MODEL, OPTIMIZER, TrainState, create_train_state, make_train_step
@@ -229,7 +230,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     finite (nothing non-finite is ever checkpointed) and `Preempted` after saving on SIGTERM.
     """
     check_config(config)
-    workdir = Path(workdir).absolute()
+    workdir = paths.to_path(workdir)
     created = not workdir.exists()
     lock = WorkdirLock(workdir)
     error = None
@@ -247,15 +248,15 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         return summary
     finally:
         lock.release()
-        if failed and created and parallel.is_main_process():
+        if failed and created and parallel.is_main_process() and not paths.is_url(workdir):
             _remove_empty_folders(workdir)
 
 
 def _remove_empty_folders(folder: Path) -> None:
     """Remove `folder` if no file lies under it: a run that failed before writing anything (a
     missing dataset, a bad checkpoint) leaves no empty run folder behind."""
-    inside = sorted(folder.rglob("*"), reverse=True)  # children before parents
-    if any(not p.is_dir() or p.is_symlink() for p in inside):
+    inside = sorted(folder.rglob("*"), key=str, reverse=True)  # children before parents
+    if any(not p.is_dir() or os.path.islink(p) for p in inside):
         return
     for path in [*inside, folder]:
         with contextlib.suppress(OSError):  # filled meanwhile (or gone): keep the error raised
@@ -297,7 +298,7 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
         if note:
             print(note)
     if main:
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+        paths.replace_text(workdir / CONFIG_FILE, config.to_json_best_effort(indent=1) + "\n")
     parallel.sync("unet_jax:workdir")
     start = resume_step or 0
     log = MetricsLog(workdir)
@@ -386,10 +387,10 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None, *,
     """
     check_config(config)
     source = None
-    if workdir is not None and (Path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
-        source = Path(workdir)
+    if workdir is not None and (paths.to_path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
+        source = paths.to_path(workdir)
     elif config.init_from:
-        source = Path(config.init_from)
+        source = paths.to_path(config.init_from)
     if source is None:
         raise CheckpointError(
             f"eval mode: expected checkpoints in {Path(workdir or '.') / checkpoint.CHECKPOINTS_DIR}"
@@ -405,7 +406,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None, *,
     summary, examples = run_evaluation(model, val_ds, config,
                                        num_examples=config.train.num_overlays)
     if workdir is not None:
-        workdir = Path(workdir)
+        workdir = paths.to_path(workdir)
         if parallel.is_main_process():
             workdir.mkdir(parents=True, exist_ok=True)
         MetricsLog(workdir).write({"step": int(step or 0), "split": "validation", "mode": "eval",

@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,9 @@ from tqdm import tqdm
 from unet_jax.cli import common
 from unet_jax.errors import InputError, one_line, storage_error
 from unet_jax.evaluate import overlay_image
+from unet_jax.io import paths
 from unet_jax.io.images import IMAGE_SUFFIXES, ImageReadError, read_rgb
+from unet_jax.io.paths import Path
 from unet_jax.segmenter import Segmenter, full_palette
 
 __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "Outputs", "Report", "full_palette",
@@ -99,22 +102,28 @@ class Report:
 
 
 # ------------------------------------------------------------------------------ inputs
+def _real(path: Path) -> Path:
+    """A local path with its links resolved (what two names of one file share); a bucket URL
+    as it is (an object store has no links)."""
+    return path if paths.is_url(path) else Path(os.path.realpath(path))
+
+
 def list_images(inputs: Sequence[str | Path], skip: str | Path | None = None) -> list[Path]:
     """Files as given plus the image files inside folders (recursive, sorted), each once.
 
     Files under `skip` (the output folder) are left out of the folder search when `skip` lies
     inside a searched folder, so a rerun does not take the previous run's outputs as inputs.
     """
-    skip_dir = Path(skip).resolve() if skip is not None else None
+    skip_dir = _real(Path(skip)) if skip is not None else None
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            root = path.resolve()
+            root = _real(path)
             prune = skip_dir is not None and skip_dir != root and skip_dir.is_relative_to(root)
             found = sorted(p for p in path.rglob("*")
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not (prune and p.resolve().is_relative_to(skip_dir)))
+                           and not (prune and _real(p).is_relative_to(skip_dir)))
             if not found:
                 raise InputError(f"--input {path}: folder holds no image files "
                                  f"(expected suffixes {', '.join(IMAGE_SUFFIXES)})")
@@ -125,7 +134,7 @@ def list_images(inputs: Sequence[str | Path], skip: str | Path | None = None) ->
             raise InputError(f"--input {path}: no such file or folder")
     unique: dict[Path, Path] = {}
     for f in files:
-        unique.setdefault(f.resolve(), f)
+        unique.setdefault(_real(f), f)
     return list(unique.values())
 
 
@@ -149,6 +158,8 @@ def plan_outputs(inputs: Sequence[str | Path], output: str | Path, *,
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
+    if paths.is_url(path):
+        return None  # objects have no inode; their URL is their one name
     try:
         st = path.stat()
     except OSError:
@@ -158,15 +169,15 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 def check_outputs(plans: Sequence[Outputs]) -> None:
     """Refuse (InputError) outputs that are inputs, coincide, or would replace foreign files."""
-    inputs_by_path = {str(p.input.resolve()): p.input for p in plans}
+    inputs_by_path = {str(_real(p.input)): p.input for p in plans}
     inputs_by_id = {_file_id(p.input): p.input for p in plans}
     inputs_by_id.pop(None, None)
     claimed: dict[str, tuple[Path, Path]] = {}
     for plan in plans:
         for out, role in plan.roles():
-            resolved = str(out.resolve())
+            resolved = str(_real(out))
             same = inputs_by_path.get(resolved)
-            if same is None and (out.exists() or out.is_symlink()):
+            if same is None and (out.exists() or os.path.islink(out)):
                 same = inputs_by_id.get(_file_id(out))
             if same is not None:
                 raise InputError(f"{out} (an output of {plan.input}) would overwrite the input "
@@ -182,7 +193,7 @@ def check_outputs(plans: Sequence[Outputs]) -> None:
 
 
 def _check_replaceable(out: Path, source: Path, role: str) -> None:
-    if out.is_symlink():
+    if os.path.islink(out):
         raise InputError(f"{out} (an output of {source}) is a symbolic link; predict does not "
                          "write through links: remove it or choose another --output")
     if not out.exists():
@@ -203,10 +214,10 @@ def written_by_predict(path: str | Path, role: str | None = None) -> bool:
     path = Path(path)
     try:
         if path.suffix == ".npy":
-            with open(path, "rb") as fh:
+            with path.open("rb") as fh:
                 head = fh.read(_NPY_HEADER)
             return head.startswith(np.lib.format.MAGIC_PREFIX) and _NPY_MARK in head
-        with Image.open(path) as img:
+        with path.open("rb") as fh, Image.open(fh) as img:
             return (img.format == "PNG" and img.info.get(MARKER_KEY) == MARKER
                     and (role is None or img.info.get(ROLE_KEY) == role))
     except Exception:  # noqa: BLE001 -- unreadable or not an image: not ours
@@ -285,8 +296,15 @@ def write_predictions(segmenter: Segmenter, plans: Sequence[Outputs], *, resize:
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(path)`; an OS error (a full disk, ...) removes the partial file and is one
-    `InputError` naming the path (a write error of its own names no file)."""
+    `InputError` naming the path (a write error of its own names no file). A bucket object is
+    written locally first and uploaded whole (the writers are PIL's and numpy's, local only)."""
     try:
+        if paths.is_url(path):
+            with tempfile.TemporaryDirectory(prefix="unet_jax_predict_") as tmp:
+                local = pathlib.Path(tmp) / path.name
+                write(local)
+                path.write_bytes(local.read_bytes())
+            return
         write(path)
     except OSError as err:
         path.unlink(missing_ok=True)
@@ -316,7 +334,7 @@ def main(config: Any, argv: Sequence[str]) -> int:
                                overridden=config_flags.get_override_values(f["config"]))
     report = write_predictions(segmenter, plans, resize=f.resize)
     what = "label maps + overlays" + (" + logits" if f.save_logits else "")
-    print(f"wrote {what} of {len(report.written)} image(s) to {Path(f.output).absolute()}")
+    print(f"wrote {what} of {len(report.written)} image(s) to {paths.to_path(f.output)}")
     if not report.failed:
         return 0
     for reason in report.failed.values():

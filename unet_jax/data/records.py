@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 
 from unet_jax.errors import DataError
-from unet_jax.io import images
+from unet_jax.io import images, paths
+from unet_jax.io.paths import Path
 
 SUFFIX = ".array_record"
 _FIELDS = ("image", "label", "fov", "name")
@@ -68,6 +69,11 @@ def write_split(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike) 
     into place when complete, so a half-written file is never read.
     """
     path = Path(path)
+    if paths.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="unet_jax_records_") as local:
+            count = write_split(examples, os.path.join(local, path.name))
+            paths.move(Path(local) / path.name, path)
+        return count
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.unsorted")
     partial = path.with_name(f".{path.name}.partial")
@@ -146,7 +152,8 @@ class RecordSource:
 
     def _open(self) -> Any:
         if self._reader is None:
-            self._reader = array_record_data_source.ArrayRecordDataSource(str(self.path))
+            local = paths.local_copy(self.path)
+            self._reader = array_record_data_source.ArrayRecordDataSource(str(local))
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:

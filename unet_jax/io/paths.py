@@ -1,0 +1,143 @@
+"""Every path a user gives may be a bucket URL (`gs://bucket/run`): one path type, `etils.epath`.
+
+`etils.epath` is what orbax and TFDS already use, so a workdir, a checkpoint or an input folder
+is one `epath.Path` from the command line to orbax. Local paths stay what they were (absolute,
+`~` expanded, read and written through the OS); URLs go through `fsspec` (`gcsfs` for `gs://`),
+while orbax writes the arrays of a checkpoint through tensorstore's own GCS driver.
+
+Two process-wide defaults are set on import of this module (only if the user has not set them):
+- `EPATH_USE_TF=false`: epath would otherwise send `gs://` through TensorFlow's GCS client,
+  which ignores `STORAGE_EMULATOR_HOST` and would import TensorFlow into processes that read
+  records without it; gcsfs honours the emulator variable and authenticates as every Google
+  client does (application default credentials, the TPU VM's service account).
+- `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` when `STORAGE_EMULATOR_HOST` is set: gcsfs asks the
+  storage control API (which emulators do not serve) for each bucket's layout, and logs a
+  warning per call when it cannot.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+import uuid
+
+os.environ.setdefault("EPATH_USE_TF", "false")
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from etils import epath  # noqa: E402  (after the defaults above, which epath reads)
+
+Path = epath.Path
+PathLike = epath.PathLike
+CACHE_ENV = "UNET_JAX_CACHE"
+
+
+def is_url(path: PathLike) -> bool:
+    """Whether `path` names an object store (`gs://...`, `s3://...`) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def to_path(path: PathLike) -> epath.Path:
+    """`path` as an `epath.Path`: a URL as given, a local path absolute with `~` expanded."""
+    text = os.fspath(path)
+    if is_url(text):
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def append_line(path: epath.Path, line: str) -> None:
+    """Append `line` (with its newline) to a text file, durably.
+
+    A local file is appended to and synced; an object store has no append, so the object is
+    rewritten whole (the files appended to here, `metrics.jsonl`, hold a few hundred lines).
+    """
+    if not is_url(path):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    path.write_text(old + line, encoding="utf-8")
+
+
+def replace_text(path: epath.Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old or the new file, never a part: a
+    local file through a temporary file renamed into place, an object in one upload (objects
+    are replaced atomically)."""
+    if is_url(path):
+        path.write_text(text, encoding="utf-8")
+        return
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def move(source: epath.Path, target: epath.Path) -> None:
+    """Move a file or folder: a local rename (`shutil.move`); with a bucket on either side, a
+    copy of every file or object under `source` and their removal (stores have no rename)."""
+    if not (is_url(source) or is_url(target)):
+        shutil.move(os.fspath(source), os.fspath(target))
+        return
+    import fsspec
+    src_fs, src = fsspec.core.url_to_fs(os.fspath(source))
+    dst_fs, dst = fsspec.core.url_to_fs(os.fspath(target))
+    if src_fs.protocol == dst_fs.protocol:
+        src_fs.mv(src, dst, recursive=True)
+    elif not is_url(source):
+        dst_fs.put(src, dst, recursive=True)
+        src_fs.rm(src, recursive=True)
+    else:
+        src_fs.get(src, dst, recursive=True)
+        src_fs.rm(src, recursive=True)
+
+
+def cache_root() -> pathlib.Path:
+    """Where copies of remote files are kept on this host: `$UNET_JAX_CACHE`, or
+    `<temp dir>/unet_jax_cache` (each host its own disk)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "unet_jax_cache")
+    return pathlib.Path(root)
+
+
+def local_copy(path: epath.Path) -> pathlib.Path:
+    """A local file with the content of `path`: `path` itself when it is local, else a copy in
+    `cache_root()`, made once and kept while the remote object keeps its size and generation.
+
+    For the libraries that read only local files (ArrayRecord's reader opens paths with its
+    own C++ file layer). The copy is written beside its final name and renamed into place, so a
+    killed copy is never taken for a complete one.
+    """
+    if not is_url(path):
+        return pathlib.Path(os.fspath(path))
+    info = _remote_info(path)
+    key = hashlib.sha256(f"{path}|{info}".encode()).hexdigest()[:16]
+    target = cache_root() / key / path.name
+    if target.is_file() and target.stat().st_size == info[0]:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with path.open("rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        if partial.stat().st_size != info[0]:
+            raise OSError(f"{path}: copied {partial.stat().st_size} bytes of {info[0]}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _remote_info(path: epath.Path) -> tuple[int, str]:
+    """(size, version) of an object: its generation (GCS) or etag/mtime, whatever the store
+    reports, so that a rewritten object is copied again."""
+    import fsspec
+    fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+    info = fs.info(inner)
+    version = info.get("generation") or info.get("etag") or info.get("mtime") or ""
+    return int(info["size"]), str(version)
+
+
+__all__ = ["Path", "PathLike", "append_line", "cache_root", "is_url", "local_copy", "move",
+           "replace_text", "to_path"]
