@@ -33,6 +33,9 @@ def gcs():
     # once the pipe is full (after a few hundred requests).
     threading.Thread(target=lambda: server._process.stderr.read(), daemon=True).start()
     env = {"STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url}
+    # What unet_jax.io.paths sets when it is imported with an emulator (here it may have been
+    # imported before the server started).
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     request = urllib.request.Request(f"{server.url}/storage/v1/b",

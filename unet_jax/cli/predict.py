@@ -108,6 +108,13 @@ def _real(path: Path) -> Path:
     return path if paths.is_url(path) else Path(os.path.realpath(path))
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Everything under `folder`, recursively (epath refuses `rglob` on a bucket)."""
+    if not paths.is_url(folder):
+        return list(folder.rglob("*"))
+    return paths.files_under(folder)
+
+
 def list_images(inputs: Sequence[str | Path], skip: str | Path | None = None) -> list[Path]:
     """Files as given plus the image files inside folders (recursive, sorted), each once.
 
@@ -121,7 +128,7 @@ def list_images(inputs: Sequence[str | Path], skip: str | Path | None = None) ->
         if path.is_dir():
             root = _real(path)
             prune = skip_dir is not None and skip_dir != root and skip_dir.is_relative_to(root)
-            found = sorted(p for p in path.rglob("*")
+            found = sorted(p for p in _files_under(path)
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                            and not (prune and _real(p).is_relative_to(skip_dir)))
             if not found:

@@ -94,6 +94,14 @@ def move(source: epath.Path, target: epath.Path) -> None:
         src_fs.rm(src, recursive=True)
 
 
+def files_under(folder: epath.Path) -> list[epath.Path]:
+    """The files under a bucket folder, recursively, as URLs (one listing of the prefix: epath
+    refuses `rglob` there, and its `walk` drops the `gs://`)."""
+    import fsspec
+    fs, inner = fsspec.core.url_to_fs(os.fspath(folder))
+    return [epath.Path(fs.unstrip_protocol(name)) for name in fs.find(inner)]
+
+
 def cache_root() -> pathlib.Path:
     """Where copies of remote files are kept on this host: `$UNET_JAX_CACHE`, or
     `<temp dir>/unet_jax_cache` (each host its own disk)."""
@@ -139,5 +147,5 @@ def _remote_info(path: epath.Path) -> tuple[int, str]:
     return int(info["size"]), str(version)
 
 
-__all__ = ["Path", "PathLike", "append_line", "cache_root", "is_url", "local_copy", "move",
-           "replace_text", "to_path"]
+__all__ = ["Path", "PathLike", "append_line", "cache_root", "files_under", "is_url",
+           "local_copy", "move", "replace_text", "to_path"]
