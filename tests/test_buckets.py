@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +41,6 @@ def gcs():
                                      data=json.dumps({"name": BUCKET}).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request).close()
-    from unet_jax.io import paths  # noqa: F401  (its defaults, before any gcsfs client)
     try:
         yield env
     finally:

@@ -237,8 +237,8 @@ def save_comparison_png(path: str | Path, image: np.ndarray, gt: np.ndarray, pre
     canvas[:, :width] = image.astype(np.uint8)
     canvas[:, width + gap:2 * width + gap] = colorize(gt, palette)
     canvas[:, 2 * (width + gap):] = colorize(pred, palette)
-    from unet_jax.io.paths import Path as AnyPath  # a local path or a bucket URL
-    path = AnyPath(path)
+    from unet_jax.io.paths import as_path  # a local path or a bucket URL
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     from PIL import Image  # here only: evaluation itself runs without Pillow (GPU report)
     with path.open("wb") as f:

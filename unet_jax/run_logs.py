@@ -11,13 +11,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from unet_jax import parallel
 from unet_jax.io import paths
-from unet_jax.io.paths import Path
+from unet_jax.io.paths import as_path
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -103,8 +104,8 @@ class TensorBoard:
     def _upload(self) -> None:
         if self.local is None:
             return
-        for name in os.listdir(self.local):
-            (self.workdir / name).write_bytes(open(os.path.join(self.local, name), "rb").read())
+        for local in Path(self.local).iterdir():
+            (self.workdir / local.name).write_bytes(local.read_bytes())
 
     def close(self) -> None:
         """Flush and close the event file."""
@@ -150,7 +151,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
-    Path(path).write_bytes(png.getvalue())
+    as_path(path).write_bytes(png.getvalue())
     return path
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import time
 from collections.abc import Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,7 +26,7 @@ from unet_jax.io import checkpoint, paths, weights
 from unet_jax.config import check_config
 from unet_jax.errors import CheckpointError, DivergenceError, WorkdirError
 from unet_jax.io.lock import WorkdirLock
-from unet_jax.io.paths import Path
+from unet_jax.io.paths import as_path
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
 from unet_jax.step import MODEL, OPTIMIZER, TrainState, create_train_state, make_train_step
@@ -50,7 +50,7 @@ def default_workdir(config: Any, root: str | Path = "runs") -> Path:
     """`runs/<dataset>_<head>_<YYYYmmdd-HHMMSS>` (the same on every process)."""
     stamp = int(parallel.broadcast_from_main(np.asarray(int(time.time()), np.int64)))
     when = datetime.datetime.fromtimestamp(stamp).strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{config.data.name}_{config.model.head}_{when}"
+    return as_path(root) / f"{config.data.name}_{config.model.head}_{when}"
 
 
 def load_splits(config: Any) -> tuple[Any, Any]:
@@ -255,8 +255,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 def _remove_empty_folders(folder: Path) -> None:
     """Remove `folder` if no file lies under it: a run that failed before writing anything (a
     missing dataset, a bad checkpoint) leaves no empty run folder behind."""
-    inside = sorted(folder.rglob("*"), key=str, reverse=True)  # children before parents
-    if any(not p.is_dir() or os.path.islink(p) for p in inside):
+    inside = sorted(folder.rglob("*"), reverse=True)  # children before parents
+    if any(not p.is_dir() or p.is_symlink() for p in inside):
         return
     for path in [*inside, folder]:
         with contextlib.suppress(OSError):  # filled meanwhile (or gone): keep the error raised
@@ -387,10 +387,10 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None, *,
     """
     check_config(config)
     source = None
-    if workdir is not None and (paths.to_path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
-        source = paths.to_path(workdir)
+    if workdir is not None and (as_path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
+        source = as_path(workdir)
     elif config.init_from:
-        source = paths.to_path(config.init_from)
+        source = as_path(config.init_from)
     if source is None:
         raise CheckpointError(
             f"eval mode: expected checkpoints in {Path(workdir or '.') / checkpoint.CHECKPOINTS_DIR}"
@@ -406,7 +406,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None, *,
     summary, examples = run_evaluation(model, val_ds, config,
                                        num_examples=config.train.num_overlays)
     if workdir is not None:
-        workdir = paths.to_path(workdir)
+        workdir = as_path(workdir)
         if parallel.is_main_process():
             workdir.mkdir(parents=True, exist_ok=True)
         MetricsLog(workdir).write({"step": int(step or 0), "split": "validation", "mode": "eval",

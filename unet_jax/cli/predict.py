@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ from unet_jax.errors import InputError, one_line, storage_error
 from unet_jax.evaluate import overlay_image
 from unet_jax.io import paths
 from unet_jax.io.images import IMAGE_SUFFIXES, ImageReadError, read_rgb
-from unet_jax.io.paths import Path
+from unet_jax.io.paths import as_path
 from unet_jax.segmenter import Segmenter, full_palette
 
 __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "Outputs", "Report", "full_palette",
@@ -105,7 +105,7 @@ class Report:
 def _real(path: Path) -> Path:
     """A local path with its links resolved (what two names of one file share); a bucket URL
     as it is (an object store has no links)."""
-    return path if paths.is_url(path) else Path(os.path.realpath(path))
+    return path if paths.is_url(path) else as_path(os.path.realpath(path))
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -121,10 +121,10 @@ def list_images(inputs: Sequence[str | Path], skip: str | Path | None = None) ->
     Files under `skip` (the output folder) are left out of the folder search when `skip` lies
     inside a searched folder, so a rerun does not take the previous run's outputs as inputs.
     """
-    skip_dir = _real(Path(skip)) if skip is not None else None
+    skip_dir = _real(as_path(skip)) if skip is not None else None
     files: list[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = as_path(item)
         if path.is_dir():
             root = _real(path)
             prune = skip_dir is not None and skip_dir != root and skip_dir.is_relative_to(root)
@@ -153,7 +153,7 @@ def plan_outputs(inputs: Sequence[str | Path], output: str | Path, *,
     Raises `InputError` naming both paths if an output would overwrite an input, a second
     output of the run, or a file that predict did not write; and if `output` is a file.
     """
-    out_dir = Path(output)
+    out_dir = as_path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output {out_dir}: is an existing file; give a folder (created if "
                          "absent)")
@@ -218,7 +218,7 @@ def written_by_predict(path: str | Path, role: str | None = None) -> bool:
     """Whether `path` is a predict output: a PNG with predict's marker (and, if given, `role`,
     e.g. "overlay of a"), or a `.npy` whose header carries the marker (`save_logits`); only the
     header is read."""
-    path = Path(path)
+    path = as_path(path)
     try:
         if path.suffix == ".npy":
             with path.open("rb") as fh:
@@ -308,7 +308,7 @@ def _write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         if paths.is_url(path):
             with tempfile.TemporaryDirectory(prefix="unet_jax_predict_") as tmp:
-                local = pathlib.Path(tmp) / path.name
+                local = Path(tmp) / path.name
                 write(local)
                 path.write_bytes(local.read_bytes())
             return

@@ -28,7 +28,7 @@ from unet_jax.data import cityscapes, records
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
 from unet_jax.data.builders.common import check_manual_dir, data_error
 from unet_jax.data.synthetic import Synthetic, synthetic_config
-from unet_jax.io.paths import Path as AnyPath  # a local folder or a bucket URL
+from unet_jax.io.paths import AnyPath, as_path  # a local folder or a bucket URL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,7 @@ RECORD_SPLITS = ("train", "validation")
 
 def records_dir(builder: tfds.core.DatasetBuilder) -> AnyPath:
     """The folder of a prepared dataset's records (inside the builder's versioned folder)."""
-    return AnyPath(builder.data_dir) / "records"
+    return as_path(builder.data_dir) / "records"
 
 
 def prepare(data: Any) -> tfds.core.DatasetBuilder:

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,7 +30,6 @@ from jax.experimental import multihost_utils
 from unet_jax.errors import CheckpointError, DamagedCheckpointError, one_line, warn
 from unet_jax.parallel import sync
 from unet_jax.io import paths
-from unet_jax.io.paths import Path
 from unet_jax.step import LOGS, MODEL, OPTIMIZER, TrainState
 from unet_jax.io.weights import (BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, check_space,
                                  digest, restore_state, verify, writing)

@@ -53,7 +53,8 @@ def _machine() -> dict[str, str]:
     """What identifies this boot and pid namespace (empty where /proc does not say)."""
     out = {}
     try:
-        out["boot"] = open("/proc/sys/kernel/random/boot_id").read().strip()
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            out["boot"] = f.read().strip()
         out["pid_ns"] = os.readlink("/proc/self/ns/pid")
     except OSError:
         pass

@@ -1,9 +1,11 @@
-"""Every path a user gives may be a bucket URL (`gs://bucket/run`): one path type, `etils.epath`.
+"""Every path a user gives may be a bucket URL (`gs://bucket/run`): the one place that knows.
 
-`etils.epath` is what orbax and TFDS already use, so a workdir, a checkpoint or an input folder
-is one `epath.Path` from the command line to orbax. Local paths stay what they were (absolute,
-`~` expanded, read and written through the OS); URLs go through `fsspec` (`gcsfs` for `gs://`),
-while orbax writes the arrays of a checkpoint through tensorstore's own GCS driver.
+A URL becomes an `etils.epath.Path` (what orbax and TFDS already use, so a workdir or a
+checkpoint is one path object from the command line to orbax), read and written through
+`fsspec` (`gcsfs` for `gs://`), while orbax writes the arrays of a checkpoint through
+tensorstore's own GCS driver. A local path stays a `pathlib.Path` and behaves exactly as it
+did. Both have pathlib's API; what a bucket lacks (append, rename, recursive glob, a file for
+libraries that open only local files) is here.
 
 Two process-wide defaults are set on import of this module (only if the user has not set them):
 - `EPATH_USE_TF=false`: epath would otherwise send `gs://` through TensorFlow's GCS client,
@@ -22,6 +24,7 @@ import pathlib
 import shutil
 import tempfile
 import uuid
+from typing import Union
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 if os.environ.get("STORAGE_EMULATOR_HOST"):
@@ -29,8 +32,10 @@ if os.environ.get("STORAGE_EMULATOR_HOST"):
 
 from etils import epath  # noqa: E402  (after the defaults above, which epath reads)
 
-Path = epath.Path
 PathLike = epath.PathLike
+# A local path is a `pathlib.Path` (it behaves exactly as before: epath's local paths refuse
+# recursive globs and stat without st_dev); a URL is an `epath.Path`. Both have pathlib's API.
+AnyPath = Union[pathlib.Path, epath.Path]
 CACHE_ENV = "UNET_JAX_CACHE"
 
 
@@ -39,15 +44,19 @@ def is_url(path: PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
-def to_path(path: PathLike) -> epath.Path:
-    """`path` as an `epath.Path`: a URL as given, a local path absolute with `~` expanded."""
+def as_path(path: PathLike) -> AnyPath:
+    """`path` as given: an `epath.Path` for a URL, a `pathlib.Path` for a local path."""
     text = os.fspath(path)
-    if is_url(text):
-        return epath.Path(text)
-    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+    return epath.Path(text) if is_url(text) else pathlib.Path(text)
 
 
-def append_line(path: epath.Path, line: str) -> None:
+def to_path(path: PathLike) -> AnyPath:
+    """`path` for use: a URL as given, a local path absolute with `~` expanded."""
+    path = as_path(path)
+    return path if is_url(path) else path.expanduser().absolute()
+
+
+def append_line(path: AnyPath, line: str) -> None:
     """Append `line` (with its newline) to a text file, durably.
 
     A local file is appended to and synced; an object store has no append, so the object is
@@ -63,7 +72,7 @@ def append_line(path: epath.Path, line: str) -> None:
     path.write_text(old + line, encoding="utf-8")
 
 
-def replace_text(path: epath.Path, text: str) -> None:
+def replace_text(path: AnyPath, text: str) -> None:
     """Write `text` to `path` so that a reader sees the old or the new file, never a part: a
     local file through a temporary file renamed into place, an object in one upload (objects
     are replaced atomically)."""
@@ -75,7 +84,7 @@ def replace_text(path: epath.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def move(source: epath.Path, target: epath.Path) -> None:
+def move(source: AnyPath, target: AnyPath) -> None:
     """Move a file or folder: a local rename (`shutil.move`); with a bucket on either side, a
     copy of every file or object under `source` and their removal (stores have no rename)."""
     if not (is_url(source) or is_url(target)):
@@ -94,7 +103,7 @@ def move(source: epath.Path, target: epath.Path) -> None:
         src_fs.rm(src, recursive=True)
 
 
-def files_under(folder: epath.Path) -> list[epath.Path]:
+def files_under(folder: AnyPath) -> list[AnyPath]:
     """The files under a bucket folder, recursively, as URLs (one listing of the prefix: epath
     refuses `rglob` there, and its `walk` drops the `gs://`)."""
     import fsspec
@@ -109,7 +118,7 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(root)
 
 
-def local_copy(path: epath.Path) -> pathlib.Path:
+def local_copy(path: AnyPath) -> pathlib.Path:
     """A local file with the content of `path`: `path` itself when it is local, else a copy in
     `cache_root()`, made once and kept while the remote object keeps its size and generation.
 
@@ -137,7 +146,7 @@ def local_copy(path: epath.Path) -> pathlib.Path:
     return target
 
 
-def _remote_info(path: epath.Path) -> tuple[int, str]:
+def _remote_info(path: AnyPath) -> tuple[int, str]:
     """(size, version) of an object: its generation (GCS) or etag/mtime, whatever the store
     reports, so that a rewritten object is copied again."""
     import fsspec
@@ -147,5 +156,5 @@ def _remote_info(path: epath.Path) -> tuple[int, str]:
     return int(info["size"]), str(version)
 
 
-__all__ = ["Path", "PathLike", "append_line", "cache_root", "files_under", "is_url",
-           "local_copy", "move", "replace_text", "to_path"]
+__all__ = ["AnyPath", "PathLike", "append_line", "as_path", "cache_root", "files_under",
+           "is_url", "local_copy", "move", "replace_text", "to_path"]

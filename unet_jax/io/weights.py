@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,7 +38,7 @@ from unet_jax.errors import (CheckpointError, DamagedCheckpointError, InputError
                              storage_error, warn)
 from unet_jax.models import mmseg
 from unet_jax.io import paths
-from unet_jax.io.paths import Path
+from unet_jax.io.paths import as_path
 from unet_jax.io.pth import load_pth, max_bytes_for
 
 MODEL_ITEM, META_ITEM = "model", "meta"
@@ -118,8 +119,7 @@ def save(directory: str | Path, model: nnx.Module, meta: dict[str, Any]) -> Path
                 META_ITEM: ocp.args.JsonSave(json.loads(json.dumps(meta, default=str)))}))
         except BaseException:
             for partial in directory.parent.glob(f"{directory.name}.orbax-checkpoint-tmp*"):
-                with contextlib.suppress(OSError):
-                    partial.rmtree()  # orbax's uncommitted folder
+                shutil.rmtree(partial, ignore_errors=True)  # orbax's uncommitted folder
             raise
         finally:
             checkpointer.close()
@@ -144,14 +144,14 @@ def export_pth(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
     out = {"meta": {"dataset_meta": {"classes": classes, "palette": palette},
                     "CLASSES": classes, "PALETTE": palette, "exported_by": "unet_jax"},
            "state_dict": state_dict}
-    path = paths.to_path(path) if paths.is_url(path) else Path(path)
+    path = as_path(path)
     if path.exists():
         raise InputError(f"{path} already exists; choose a new --output")
     if paths.is_url(path):  # torch writes local files: write one, then upload it whole
         with tempfile.TemporaryDirectory(prefix="unet_jax_pth_") as local:
             export_pth(model, os.path.join(local, path.name), meta)
             with writing(path):
-                paths.move(Path(local) / path.name, path)
+                paths.move(as_path(local) / path.name, path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -229,7 +229,7 @@ def committed_steps(directory: Path) -> list[int]:
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
     """The JSON `meta/` item of a weights or step folder ({} if it has none)."""
-    item = Path(folder) / META_ITEM / "metadata"
+    item = as_path(folder) / META_ITEM / "metadata"
     if not item.is_file():
         return {}
     try:
@@ -248,12 +248,12 @@ def verify(folder: str | Path, item: str, tree: Any) -> None:
     recorded = read_meta(folder).get("digest", {}).get(item)
     if recorded is None:
         raise DamagedCheckpointError(
-            f"{Path(folder) / item}: unverified (no digest recorded in {META_ITEM}/, so damaged "
+            f"{as_path(folder) / item}: unverified (no digest recorded in {META_ITEM}/, so damaged "
             "arrays could not be noticed; a weights folder from an older unet_jax.convert: "
             "convert it again)")
     if digest(tree) != recorded:
         raise DamagedCheckpointError(
-            f"{Path(folder) / item}: its arrays do not match the digest recorded when it was "
+            f"{as_path(folder) / item}: its arrays do not match the digest recorded when it was "
             "saved (the files were changed or damaged)")
 
 
@@ -277,7 +277,7 @@ def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
     folder itself reads back cleanly; a folder that cannot be read back as written (or carries
     no digest) is a `DamagedCheckpointError`.
     """
-    folder = Path(folder)
+    folder = as_path(folder)
     src = folder / MODEL_ITEM
     try:
         stored = flat_paths(ocp.StandardCheckpointer().metadata(src).item_metadata)
@@ -369,7 +369,7 @@ def load(model: nnx.Module, source: str | Path) -> dict[str, Any]:
     and the metadata stored with the weights (`classes`, `palette`, ...). From a workdir or
     manager folder, a damaged newest checkpoint is reported and the one before it is used.
     """
-    path = paths.to_path(source) if paths.is_url(source) else Path(source).expanduser()
+    path = paths.to_path(source) if paths.is_url(source) else as_path(source).expanduser()
     if path.is_file():
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model_state(model)))
         obj = load_pth(paths.local_copy(path), max_bytes=max_bytes_for(weight_bytes))
