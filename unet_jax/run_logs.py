@@ -4,9 +4,12 @@ Only process 0 writes; every writer is a no-op elsewhere.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from unet_jax import parallel
+from unet_jax.io import paths
+from unet_jax.io.paths import as_path
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -42,10 +47,7 @@ class MetricsLog:
         """Append one line (flushed and synced, so a killed run keeps it)."""
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        paths.append_line(self.path, json.dumps(_jsonable(record), allow_nan=False) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         """All complete lines (a torn last line of a killed run is skipped)."""
@@ -64,20 +66,28 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        paths.replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class TensorBoard:
-    """A tensorboardX writer on process 0 (no-op elsewhere)."""
+    """A tensorboardX writer on process 0 (no-op elsewhere).
+
+    In a bucket workdir the events file is written in a local folder and copied whole into the
+    workdir at every flush: tensorboardX writes object stores only through S3 and would need
+    TensorFlow's GCS client for `gs://` (which ignores `STORAGE_EMULATOR_HOST`); the file of a
+    run holds a few kB per logged step.
+    """
 
     def __init__(self, workdir: Path, start_step: int):
         self.writer = None
+        self.workdir, self.local = workdir, None
         if parallel.is_main_process():
             from tensorboardX import SummaryWriter
+            if paths.is_url(workdir):
+                self.local = tempfile.mkdtemp(prefix="unet_jax_tb_")
             # purge_step hides the events a killed run wrote after its last checkpoint.
-            self.writer = SummaryWriter(str(workdir), purge_step=start_step or None)
+            self.writer = SummaryWriter(self.local or os.fspath(workdir),
+                                        purge_step=start_step or None)
 
     def scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
         """Write numeric values (nested dicts become prefix/key/subkey)."""
@@ -89,11 +99,21 @@ class TensorBoard:
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
         self.writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.local is None:
+            return
+        for local in Path(self.local).iterdir():
+            (self.workdir / local.name).write_bytes(local.read_bytes())
 
     def close(self) -> None:
         """Flush and close the event file."""
         if self.writer is not None:
             self.writer.close()
+            self._upload()
+        if self.local is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -128,8 +148,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
+    as_path(path).write_bytes(png.getvalue())
     return path
 
 

@@ -75,7 +75,8 @@ class Segmenter:
 
         `config` is `FILE[:ARG]` as on the command line ("configs/drive.py:fcn") or a
         ConfigDict; `overrides` map dotted fields to values. `checkpoint` is an mmseg `.pth`, a
-        weights folder (`unet_jax.convert`), a training workdir or one of its step folders.
+        weights folder (`unet_jax.convert`), a training workdir or one of its step folders,
+        local or in a bucket (`gs://...`, `unet_jax.io.paths`).
         The model is the one the checkpoint records (a run folder's `config.json`, a weights
         folder's `meta/`), except that a `model.*` field named in `overrides` or `overridden`
         (fields already set in a ConfigDict, e.g. by the command line) must agree with it.

@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx
 
 from unet_jax import parallel
-from unet_jax.io import checkpoint, weights
+from unet_jax.io import checkpoint, paths, weights
 from unet_jax.config import check_config
 from unet_jax.errors import CheckpointError, DivergenceError, WorkdirError
 from unet_jax.io.lock import WorkdirLock
+from unet_jax.io.paths import as_path
 from unet_jax.run_logs import (CURVES_FILE, OVERLAYS_DIR, SUMMARY_KEYS, MetricsLog, TensorBoard,
                                plot_curves, print_table, save_overlays, tqdm_write)
 from unet_jax.step import MODEL, OPTIMIZER, TrainState, create_train_state, make_train_step
@@ -49,7 +50,7 @@ def default_workdir(config: Any, root: str | Path = "runs") -> Path:
     """`runs/<dataset>_<head>_<YYYYmmdd-HHMMSS>` (the same on every process)."""
     stamp = int(parallel.broadcast_from_main(np.asarray(int(time.time()), np.int64)))
     when = datetime.datetime.fromtimestamp(stamp).strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{config.data.name}_{config.model.head}_{when}"
+    return as_path(root) / f"{config.data.name}_{config.model.head}_{when}"
 
 
 def load_splits(config: Any) -> tuple[Any, Any]:
@@ -232,7 +233,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     finite (nothing non-finite is ever checkpointed) and `Preempted` after saving on SIGTERM.
     """
     check_config(config)
-    workdir = Path(workdir).absolute()
+    workdir = paths.to_path(workdir)
     created = not workdir.exists()
     lock = WorkdirLock(workdir)
     error = None
@@ -250,7 +251,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         return summary
     finally:
         lock.release()
-        if failed and created and parallel.is_main_process():
+        if failed and created and parallel.is_main_process() and not paths.is_url(workdir):
             _remove_empty_folders(workdir)
 
 
@@ -300,7 +301,7 @@ def _train_and_evaluate(config: Any, workdir: Path) -> dict[str, Any]:
         if note:
             print(note)
     if main:
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+        paths.replace_text(workdir / CONFIG_FILE, config.to_json_best_effort(indent=1) + "\n")
     parallel.sync("unet_jax:workdir")
     start = resume_step or 0
     log = MetricsLog(workdir)
@@ -390,10 +391,10 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None, *,
     """
     check_config(config)
     source = None
-    if workdir is not None and (Path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
-        source = Path(workdir)
+    if workdir is not None and (as_path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir():
+        source = as_path(workdir)
     elif config.init_from:
-        source = Path(config.init_from)
+        source = as_path(config.init_from)
     if source is None:
         raise CheckpointError(
             f"eval mode: expected checkpoints in {Path(workdir or '.') / checkpoint.CHECKPOINTS_DIR}"
@@ -409,7 +410,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path | None, *,
     summary, examples = run_evaluation(model, val_ds, config,
                                        num_examples=config.train.num_overlays)
     if workdir is not None:
-        workdir = Path(workdir)
+        workdir = as_path(workdir)
         if parallel.is_main_process():
             workdir.mkdir(parents=True, exist_ok=True)
         MetricsLog(workdir).write({"step": int(step or 0), "split": "validation", "mode": "eval",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+from unet_jax.io import paths
 from collections.abc import Collection
 from typing import Any
 
@@ -31,12 +33,12 @@ def _dataset_meta(info: dict[str, Any], config: Any) -> dict[str, Any]:
 
 def import_mmseg(config: Any, checkpoint: str | Path, output: str | Path) -> Path:
     """Read an mmseg .pth, load it strictly into the config's model, save a weights folder."""
-    checkpoint = Path(checkpoint)
+    checkpoint = paths.to_path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(f"--checkpoint {checkpoint}: expected an mmseg .pth file")
     model = build_model(config.model)
     info = weights.load(model, checkpoint)
-    meta = {**_dataset_meta(info, config), "source": str(checkpoint.absolute()),
+    meta = {**_dataset_meta(info, config), "source": str(checkpoint),
             "layout": info["layout"], "iter": info["iter"], "model": config.model.to_dict()}
     return weights.save(output, model, meta)
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_jax.cli import common
+from unet_jax.io import paths
 from unet_jax.errors import InputError, storage_error
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -127,7 +128,7 @@ def make_module(config: Any, model: Any, platforms: Sequence[str] = DEFAULT_PLAT
 
 def check_output(output: str | Path) -> Path:
     """--output as an absolute path; an `InputError` if it exists and is not an empty folder."""
-    out = Path(output).expanduser().absolute()
+    out = paths.to_path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--output {out}: already exists and is not an empty folder; choose a "
                          "new one (an export never overwrites)")
@@ -153,16 +154,20 @@ def save_module(module: Any, output: str | Path, meta: dict[str, Any]) -> Path:
     import tensorflow as tf
 
     out = check_output(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remote = paths.is_url(out)
+    if not remote:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    # A bucket has no rename: the SavedModel is written locally and copied up when complete.
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-",
+                                    dir=None if remote else out.parent))
     try:
         tf.saved_model.save(module, str(partial), signatures={"serving_default": module.serve})
         (partial / META_FILE).parent.mkdir(parents=True, exist_ok=True)
         (partial / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
         check_output(out)
-        if out.exists():
+        if out.exists() and not remote:
             out.rmdir()
-        partial.rename(out)
+        paths.move(partial, out)
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
         reason = storage_error(err) if isinstance(err, Exception) else None

@@ -53,6 +53,7 @@ import dataclasses
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ from tqdm import tqdm
 from unet_jax.cli import common
 from unet_jax.errors import InputError, one_line, storage_error
 from unet_jax.evaluate import overlay_image
+from unet_jax.io import paths
 from unet_jax.io.images import IMAGE_SUFFIXES, ImageReadError, read_rgb
+from unet_jax.io.paths import as_path
 from unet_jax.segmenter import Segmenter, full_palette
 
 __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "Outputs", "Report", "cell_probability",
@@ -107,22 +110,35 @@ class Report:
 
 
 # ------------------------------------------------------------------------------ inputs
+def _real(path: Path) -> Path:
+    """A local path with its links resolved (what two names of one file share); a bucket URL
+    as it is (an object store has no links)."""
+    return path if paths.is_url(path) else as_path(os.path.realpath(path))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Everything under `folder`, recursively (epath refuses `rglob` on a bucket)."""
+    if not paths.is_url(folder):
+        return list(folder.rglob("*"))
+    return paths.files_under(folder)
+
+
 def list_images(inputs: Sequence[str | Path], skip: str | Path | None = None) -> list[Path]:
     """Files as given plus the image files inside folders (recursive, sorted), each once.
 
     Files under `skip` (the output folder) are left out of the folder search when `skip` lies
     inside a searched folder, so a rerun does not take the previous run's outputs as inputs.
     """
-    skip_dir = Path(skip).resolve() if skip is not None else None
+    skip_dir = _real(as_path(skip)) if skip is not None else None
     files: list[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = as_path(item)
         if path.is_dir():
-            root = path.resolve()
+            root = _real(path)
             prune = skip_dir is not None and skip_dir != root and skip_dir.is_relative_to(root)
-            found = sorted(p for p in path.rglob("*")
+            found = sorted(p for p in _files_under(path)
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not (prune and p.resolve().is_relative_to(skip_dir)))
+                           and not (prune and _real(p).is_relative_to(skip_dir)))
             if not found:
                 raise InputError(f"--input {path}: folder holds no image files "
                                  f"(expected suffixes {', '.join(IMAGE_SUFFIXES)})")
@@ -133,7 +149,7 @@ def list_images(inputs: Sequence[str | Path], skip: str | Path | None = None) ->
             raise InputError(f"--input {path}: no such file or folder")
     unique: dict[Path, Path] = {}
     for f in files:
-        unique.setdefault(f.resolve(), f)
+        unique.setdefault(_real(f), f)
     return list(unique.values())
 
 
@@ -145,7 +161,7 @@ def plan_outputs(inputs: Sequence[str | Path], output: str | Path, *,
     Raises `InputError` naming both paths if an output would overwrite an input, a second
     output of the run, or a file that predict did not write; and if `output` is a file.
     """
-    out_dir = Path(output)
+    out_dir = as_path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output {out_dir}: is an existing file; give a folder (created if "
                          "absent)")
@@ -157,6 +173,8 @@ def plan_outputs(inputs: Sequence[str | Path], output: str | Path, *,
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
+    if paths.is_url(path):
+        return None  # objects have no inode; their URL is their one name
     try:
         st = path.stat()
     except OSError:
@@ -166,15 +184,15 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 def check_outputs(plans: Sequence[Outputs]) -> None:
     """Refuse (InputError) outputs that are inputs, coincide, or would replace foreign files."""
-    inputs_by_path = {str(p.input.resolve()): p.input for p in plans}
+    inputs_by_path = {str(_real(p.input)): p.input for p in plans}
     inputs_by_id = {_file_id(p.input): p.input for p in plans}
     inputs_by_id.pop(None, None)
     claimed: dict[str, tuple[Path, Path]] = {}
     for plan in plans:
         for out, role in plan.roles():
-            resolved = str(out.resolve())
+            resolved = str(_real(out))
             same = inputs_by_path.get(resolved)
-            if same is None and (out.exists() or out.is_symlink()):
+            if same is None and (out.exists() or os.path.islink(out)):
                 same = inputs_by_id.get(_file_id(out))
             if same is not None:
                 raise InputError(f"{out} (an output of {plan.input}) would overwrite the input "
@@ -190,7 +208,7 @@ def check_outputs(plans: Sequence[Outputs]) -> None:
 
 
 def _check_replaceable(out: Path, source: Path, role: str) -> None:
-    if out.is_symlink():
+    if os.path.islink(out):
         raise InputError(f"{out} (an output of {source}) is a symbolic link; predict does not "
                          "write through links: remove it or choose another --output")
     if not out.exists():
@@ -208,13 +226,13 @@ def written_by_predict(path: str | Path, role: str | None = None) -> bool:
     """Whether `path` is a predict output: a PNG with predict's marker (and, if given, `role`,
     e.g. "overlay of a"), or a `.npy` whose header carries the marker (`save_logits`); only the
     header is read."""
-    path = Path(path)
+    path = as_path(path)
     try:
         if path.suffix == ".npy":
-            with open(path, "rb") as fh:
+            with path.open("rb") as fh:
                 head = fh.read(_NPY_HEADER)
             return head.startswith(np.lib.format.MAGIC_PREFIX) and _NPY_MARK in head
-        with Image.open(path) as img:
+        with path.open("rb") as fh, Image.open(fh) as img:
             return (img.format == "PNG" and img.info.get(MARKER_KEY) == MARKER
                     and (role is None or img.info.get(ROLE_KEY) == role))
     except Exception:  # noqa: BLE001 -- unreadable or not an image: not ours
@@ -310,13 +328,18 @@ def natural_key(path: Path) -> list[Any]:
 def check_submission_path(path: str | Path, plans: Sequence[Outputs]) -> Path:
     """The --isbi_submission path, refused (InputError) unless it ends in .tif/.tiff, is no
     input or other output of the run, and is absent or a TIFF that predict wrote."""
+    if paths.is_url(str(path)):
+        raise InputError(f"--isbi_submission {path}: expected a local file (the submission is "
+                         "uploaded to the challenge by hand)")
     path = Path(path)
     if path.suffix.lower() not in TIFF_SUFFIXES:
         raise InputError(f"--isbi_submission {path}: expected a .tif or .tiff file name")
     resolved = os.path.normcase(path.resolve()).casefold()
     for plan in plans:
         for other in (plan.input, *plan.paths()):
-            if os.path.normcase(other.resolve()).casefold() == resolved:
+            if paths.is_url(str(other)):
+                continue
+            if os.path.normcase(Path(other).resolve()).casefold() == resolved:
                 raise InputError(f"--isbi_submission {path}: is also {other} (an input or output "
                                  "of this run); choose another file name")
     if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -369,8 +392,15 @@ def save_submission(path: str | Path, pages: Sequence[np.ndarray]) -> None:
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(path)`; an OS error (a full disk, ...) removes the partial file and is one
-    `InputError` naming the path (a write error of its own names no file)."""
+    `InputError` naming the path (a write error of its own names no file). A bucket object is
+    written locally first and uploaded whole (the writers are PIL's and numpy's, local only)."""
     try:
+        if paths.is_url(path):
+            with tempfile.TemporaryDirectory(prefix="unet_jax_predict_") as tmp:
+                local = Path(tmp) / path.name
+                write(local)
+                path.write_bytes(local.read_bytes())
+            return
         write(path)
     except OSError as err:
         path.unlink(missing_ok=True)
@@ -402,7 +432,7 @@ def main(config: Any, argv: Sequence[str]) -> int:
                                overridden=config_flags.get_override_values(f["config"]))
     report = write_predictions(segmenter, plans, resize=f.resize, submission=submission)
     what = "label maps + overlays" + (" + logits" if f.save_logits else "")
-    print(f"wrote {what} of {len(report.written)} image(s) to {Path(f.output).absolute()}")
+    print(f"wrote {what} of {len(report.written)} image(s) to {paths.to_path(f.output)}")
     if submission is not None and report.written:
         print(f"wrote the ISBI submission (P(cell) of {len(report.written)} image(s) in name "
               f"order) to {submission.absolute()}")

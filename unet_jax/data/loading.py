@@ -28,6 +28,7 @@ from unet_jax.data import cityscapes, folder, records
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
 from unet_jax.data.builders.common import check_manual_dir, data_error
 from unet_jax.data.synthetic import Synthetic, synthetic_config
+from unet_jax.io.paths import AnyPath, as_path  # a local folder or a bucket URL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +97,9 @@ def _tensorflow() -> Any:
     return tf
 
 
-def records_dir(builder: tfds.core.DatasetBuilder) -> Path:
+def records_dir(builder: tfds.core.DatasetBuilder) -> AnyPath:
     """The folder of a prepared dataset's records (inside the builder's versioned folder)."""
-    return Path(builder.data_dir) / "records"
+    return as_path(builder.data_dir) / "records"
 
 
 def prepare(data: Any) -> Path:

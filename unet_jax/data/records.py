@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,7 +27,8 @@ import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 
 from unet_jax.errors import DataError
-from unet_jax.io import images
+from unet_jax.io import images, paths
+from unet_jax.io.paths import as_path
 
 SUFFIX = ".array_record"
 _FIELDS = ("image", "label", "fov", "name")
@@ -37,7 +39,7 @@ CACHE_BYTES = 512 << 20
 
 def split_path(folder: str | os.PathLike, split: str) -> Path:
     """Where the records of `split` lie in a records folder."""
-    return Path(folder) / f"{split}{SUFFIX}"
+    return as_path(folder) / f"{split}{SUFFIX}"
 
 
 def encode(example: Mapping[str, Any]) -> bytes:
@@ -67,7 +69,12 @@ def write_split(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike) 
     record in memory at a time: Cityscapes' train split is ~7 GB of PNG). The result is renamed
     into place when complete, so a half-written file is never read.
     """
-    path = Path(path)
+    path = as_path(path)
+    if paths.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="unet_jax_records_") as local:
+            count = write_split(examples, os.path.join(local, path.name))
+            paths.move(as_path(local) / path.name, path)
+        return count
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.unsorted")
     partial = path.with_name(f".{path.name}.partial")
@@ -132,7 +139,7 @@ class RecordSource:
 
     def __init__(self, path: str | os.PathLike, rows: range | None = None,
                  cache_bytes: int = CACHE_BYTES):
-        self.path = Path(path)
+        self.path = as_path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no prepared records here (expected the file "
                             f"<split>{SUFFIX} that unet_jax.data.prepare writes)")
@@ -146,7 +153,8 @@ class RecordSource:
 
     def _open(self) -> Any:
         if self._reader is None:
-            self._reader = array_record_data_source.ArrayRecordDataSource(str(self.path))
+            local = paths.local_copy(self.path)
+            self._reader = array_record_data_source.ArrayRecordDataSource(str(local))
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:

@@ -16,7 +16,6 @@ uninterrupted run exactly.
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import threading
 import time
@@ -30,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from unet_jax.errors import CheckpointError, DamagedCheckpointError, one_line, warn
 from unet_jax.parallel import sync
+from unet_jax.io import paths
 from unet_jax.step import LOGS, MODEL, OPTIMIZER, TrainState
 from unet_jax.io.weights import (BEST_DIR, CHECKPOINTS_DIR, META_ITEM, MODEL_ITEM, check_space,
                                  digest, restore_state, verify, writing)
@@ -103,7 +103,7 @@ class TrainCheckpoints:
     def __init__(self, workdir: str | Path, *, keep: int = 3, metric: str = "mDice",
                  async_save: bool = True):
         """`keep`: periodic checkpoints to keep (0 = all); `metric`: a summary key."""
-        workdir = Path(workdir).absolute()
+        workdir = paths.to_path(workdir)
         self.directory = workdir / CHECKPOINTS_DIR
         self.best_directory = workdir / BEST_DIR
         self.damaged_directory = workdir / DAMAGED_DIR
@@ -216,7 +216,7 @@ class TrainCheckpoints:
         target = where / f"{CHECKPOINTS_DIR}_{step}_{int(time.time())}"
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            paths.move(self.directory / str(step), target)
         sync("unet_jax:set_aside_checkpoint")
         self.manager.reload()
         return target

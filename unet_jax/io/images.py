@@ -32,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from unet_jax.io.paths import as_path  # a local path or a bucket URL
 from unet_jax.errors import InputError
 
 # What predict looks for in folders (a file given by name may be any format cv2 or PIL reads).
@@ -144,7 +145,7 @@ def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Raises `ImageReadError` (an `InputError`) naming the file if it cannot be read, cannot be
     decoded, or declares more than `max_pixels` pixels.
     """
-    path = Path(path)
+    path = as_path(path)
     try:
         data = path.read_bytes()
     except OSError as err:

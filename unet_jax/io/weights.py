@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -36,6 +37,8 @@ from flax import nnx
 from unet_jax.errors import (CheckpointError, DamagedCheckpointError, InputError, one_line,
                              storage_error, warn)
 from unet_jax.models import mmseg
+from unet_jax.io import paths
+from unet_jax.io.paths import as_path
 from unet_jax.io.pth import load_pth, max_bytes_for
 
 MODEL_ITEM, META_ITEM = "model", "meta"
@@ -86,6 +89,8 @@ def _mib(size: int) -> str:
 def check_space(directory: Path, tree: Any) -> None:
     """Refuse a save of the arrays of `tree` that cannot fit on the disk (a clear error before
     orbax starts)."""
+    if paths.is_url(directory):
+        return  # a bucket has no free space to ask for; the store's own error says it is full
     need = sum(int(x.nbytes) for x in jax.tree.leaves(tree))
     probe = directory if directory.exists() else directory.parent
     free = shutil.disk_usage(probe).free
@@ -97,10 +102,10 @@ def check_space(directory: Path, tree: Any) -> None:
 
 def save(directory: str | Path, model: nnx.Module, meta: dict[str, Any]) -> Path:
     """Write a weights folder (`model/` + `meta/`); atomic, and never over an existing path."""
-    directory = Path(directory).absolute()
+    directory = paths.to_path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise InputError(f"{directory} already exists and is not empty; choose a new --output")
-    if directory.exists():
+    if directory.exists() and not paths.is_url(directory):
         directory.rmdir()  # orbax writes a temporary folder and renames it into place
     state = model_state(model)
     meta = {**meta, "digest": {MODEL_ITEM: digest(state)}}
@@ -139,9 +144,15 @@ def export_pth(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
     out = {"meta": {"dataset_meta": {"classes": classes, "palette": palette},
                     "CLASSES": classes, "PALETTE": palette, "exported_by": "unet_jax"},
            "state_dict": state_dict}
-    path = Path(path)
+    path = as_path(path)
     if path.exists():
         raise InputError(f"{path} already exists; choose a new --output")
+    if paths.is_url(path):  # torch writes local files: write one, then upload it whole
+        with tempfile.TemporaryDirectory(prefix="unet_jax_pth_") as local:
+            export_pth(model, os.path.join(local, path.name), meta)
+            with writing(path):
+                paths.move(as_path(local) / path.name, path)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
@@ -193,7 +204,7 @@ def candidates(path: str | Path) -> list[tuple[Path, int | None]]:
     or a training workdir names its committed steps, so that a damaged newest one can be passed
     over for the one before.
     """
-    path = Path(path).expanduser().absolute()
+    path = paths.to_path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (expected an mmseg .pth, a weights "
                               "folder from unet_jax.convert or a training workdir)")
@@ -218,7 +229,7 @@ def committed_steps(directory: Path) -> list[int]:
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
     """The JSON `meta/` item of a weights or step folder ({} if it has none)."""
-    item = Path(folder) / META_ITEM / "metadata"
+    item = as_path(folder) / META_ITEM / "metadata"
     if not item.is_file():
         return {}
     try:
@@ -237,12 +248,12 @@ def verify(folder: str | Path, item: str, tree: Any) -> None:
     recorded = read_meta(folder).get("digest", {}).get(item)
     if recorded is None:
         raise DamagedCheckpointError(
-            f"{Path(folder) / item}: unverified (no digest recorded in {META_ITEM}/, so damaged "
+            f"{as_path(folder) / item}: unverified (no digest recorded in {META_ITEM}/, so damaged "
             "arrays could not be noticed; a weights folder from an older unet_jax.convert: "
             "convert it again)")
     if digest(tree) != recorded:
         raise DamagedCheckpointError(
-            f"{Path(folder) / item}: its arrays do not match the digest recorded when it was "
+            f"{as_path(folder) / item}: its arrays do not match the digest recorded when it was "
             "saved (the files were changed or damaged)")
 
 
@@ -266,7 +277,7 @@ def restore_state(folder: str | Path, like: nnx.State) -> nnx.State:
     folder itself reads back cleanly; a folder that cannot be read back as written (or carries
     no digest) is a `DamagedCheckpointError`.
     """
-    folder = Path(folder)
+    folder = as_path(folder)
     src = folder / MODEL_ITEM
     try:
         stored = flat_paths(ocp.StandardCheckpointer().metadata(src).item_metadata)
@@ -298,7 +309,7 @@ def recorded_model(source: str | Path) -> tuple[dict[str, Any], Path] | None:
     """(the `model` config fields, the file recording them) of a unet_jax checkpoint: a run
     folder's `config.json` (for the workdir, its manager folder or a step of `checkpoints/` or
     `best/`) or a weights folder's `meta/`; None for an mmseg `.pth` or where none is recorded."""
-    path = Path(source).expanduser().absolute()
+    path = paths.to_path(source)
     if path.is_file() or not path.exists():
         return None
     if path.name in (CHECKPOINTS_DIR, BEST_DIR):
@@ -358,10 +369,10 @@ def load(model: nnx.Module, source: str | Path) -> dict[str, Any]:
     and the metadata stored with the weights (`classes`, `palette`, ...). From a workdir or
     manager folder, a damaged newest checkpoint is reported and the one before it is used.
     """
-    path = Path(source).expanduser()
+    path = paths.to_path(source) if paths.is_url(source) else as_path(source).expanduser()
     if path.is_file():
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model_state(model)))
-        obj = load_pth(path, max_bytes=max_bytes_for(weight_bytes))
+        obj = load_pth(paths.local_copy(path), max_bytes=max_bytes_for(weight_bytes))
         mmseg.load_state_dict(model, mmseg.extract_state_dict(obj, path), source=str(path))
         return {"source": f"mmseg checkpoint {path}", "path": str(path), "step": None,
                 **mmseg.checkpoint_meta(obj)}
