@@ -20,7 +20,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections import OrderedDict
