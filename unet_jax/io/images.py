@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -146,11 +147,16 @@ def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     decoded, or declares more than `max_pixels` pixels.
     """
     path = as_path(path)
+    data = _read_bytes(path)
+    return np.ascontiguousarray(decode_bgr(data, path, max_pixels=max_pixels)[:, :, ::-1])
+
+
+def _read_bytes(path: Any) -> bytes:
+    """The file's bytes; an OS error is an `ImageReadError` naming the file."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as err:
         raise ImageReadError(f"{path}: cannot read: {err.strerror or err}") from err
-    return np.ascontiguousarray(decode_bgr(data, path, max_pixels=max_pixels)[:, :, ::-1])
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -181,10 +187,7 @@ def read_label(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """
     from PIL import Image  # pylint: disable=import-outside-toplevel  # Pillow keeps palette indices
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ImageReadError(f"{path}: cannot read: {err.strerror or err}") from err
+    data = _read_bytes(path)
     _declared_size(io.BytesIO(data), path, max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
