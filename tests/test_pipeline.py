@@ -17,7 +17,6 @@ from PIL import Image
 from unet_jax.data import records as R
 from unet_jax.data import sampler as S
 import mmseg_reference as T
-from unet_jax.data import augment as A
 from unet_jax.config import load_config
 
 
