@@ -256,21 +256,37 @@ def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: 
     x = jnp.asarray(image, jnp.float32)
     height, width = x.shape[0], x.shape[1]
     crop, stride = (int(crop[0]), int(crop[1])), (int(stride[0]), int(stride[1]))
-    mesh = apply_fn.mesh if isinstance(apply_fn, ModelApply) else None
-    devices = mesh.devices.size if mesh is not None else 1
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    if platform == "cpu":  # big batches of big windows run out of cache on a CPU
-        batch_windows = min(int(batch_windows), max(1, CPU_WINDOW_PIXELS // (crop[0] * crop[1])))
-    batch = int(batch_windows)
+    devices, batch = _window_budget(apply_fn, batch_windows, crop)
     if not (jax.export.is_symbolic_dim(height) or jax.export.is_symbolic_dim(width)):
         batch = slide_batch(len(slide_windows(height, width, crop, stride)), batch, devices)
     static = dict(crop=crop, stride=stride, num_classes=int(num_classes), batch=batch,
                   divisor=_divisor(apply_fn, size_divisor))
+    return _dispatch(apply_fn, x, _slide_model, _slide_fn, static)
+
+
+def _window_budget(apply_fn: ApplyFn, batch_windows: int, window: tuple[int, int]
+                   ) -> tuple[int, int]:
+    """(devices the windows are spread over, windows per batch at most): `batch_windows`, on
+    a CPU also at most `CPU_WINDOW_PIXELS` (big batches of big windows run out of cache)."""
+    mesh = apply_fn.mesh if isinstance(apply_fn, ModelApply) else None
+    devices = mesh.devices.size if mesh is not None else 1
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if platform == "cpu":
+        batch_windows = min(int(batch_windows),
+                            max(1, CPU_WINDOW_PIXELS // (window[0] * window[1])))
+    return devices, int(batch_windows)
+
+
+def _dispatch(apply_fn: ApplyFn, x: jax.Array, model_program: Any, fn_program: Any,
+              static: dict[str, Any]) -> jax.Array:
+    """Run a windowed program: for a `ModelApply`, its variant over the model's state with the
+    image replicated on its mesh; for a plain function, the variant that traces it."""
     if isinstance(apply_fn, ModelApply):
+        mesh = apply_fn.mesh
         if mesh is not None and not isinstance(x, jax.core.Tracer):
             x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return _slide_model(apply_fn.graphdef, apply_fn.state, x, mesh=mesh, **static)
-    return _slide_fn(apply_fn, x, mesh=None, **static)
+        return model_program(apply_fn.graphdef, apply_fn.state, x, mesh=mesh, **static)
+    return fn_program(apply_fn, x, mesh=None, **static)
 
 
 # ------------------------------------------------------------------------------ whole mode
@@ -359,20 +375,12 @@ def overlap_tile_inference(apply_fn: ApplyFn, image: Any, tile: Sequence[int],
     height, width = int(x.shape[0]), int(x.shape[1])
     tile = (int(tile[0]), int(tile[1]))
     out_tile = (output_size(tile[0]), output_size(tile[1]))
-    mesh = apply_fn.mesh if isinstance(apply_fn, ModelApply) else None
-    devices = mesh.devices.size if mesh is not None else 1
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    if platform == "cpu":
-        batch_windows = min(int(batch_windows), max(1, CPU_WINDOW_PIXELS // (tile[0] * tile[1])))
+    devices, batch = _window_budget(apply_fn, batch_windows, tile)
     rows, cols = tile_grid(height, width, out_tile[0])[0], tile_grid(height, width,
                                                                      out_tile[1])[1]
     static = dict(tile=tile, out_tile=out_tile, num_classes=int(num_classes),
-                  batch=slide_batch(rows * cols, int(batch_windows), devices))
-    if isinstance(apply_fn, ModelApply):
-        if mesh is not None:
-            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return _overlap_tile_model(apply_fn.graphdef, apply_fn.state, x, mesh=mesh, **static)
-    return _overlap_tile_fn(apply_fn, x, mesh=None, **static)
+                  batch=slide_batch(rows * cols, batch, devices))
+    return _dispatch(apply_fn, x, _overlap_tile_model, _overlap_tile_fn, static)
 
 
 def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) -> jax.Array:

@@ -21,7 +21,8 @@ from flax import nnx
 from unet_jax.losses import segmentation_loss
 from unet_jax.models.segmentor import output_channels
 from unet_jax.optim import make_optimizer, poly_schedule
-from unet_jax.weighted_loss import centre_crop, weighted_segmentation_loss
+from unet_jax.models.unet2015 import centre_crop
+from unet_jax.weighted_loss import weighted_segmentation_loss
 
 MODEL, OPTIMIZER, LOGS = 0, 1, 2  # positions in the split state
 

@@ -12,12 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from unet_jax.losses import F32_EPS, cross_entropy_per_pixel, pixel_accuracy
-
-
-def centre_crop(x: jax.Array, height: int, width: int) -> jax.Array:
-    """The centre height x width window of (N, H, W, ...) maps (labels, weights)."""
-    top, left = (x.shape[1] - height) // 2, (x.shape[2] - width) // 2
-    return x[:, top:top + height, left:left + width]
+from unet_jax.models.unet2015 import centre_crop
 
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array, *,

@@ -52,7 +52,8 @@ def check_input_size(height: int, width: int) -> None:
 
 
 def centre_crop(x: jax.Array, height: int, width: int) -> jax.Array:
-    """The centre height x width window of an NHWC map (the paper's skip-connection crop)."""
+    """The centre height x width window of (N, H, W, ...) maps: the paper's skip-connection
+    crop, and the crop of full-tile labels and weights to an unpadded net's logits."""
     top, left = (x.shape[1] - height) // 2, (x.shape[2] - width) // 2
     return x[:, top:top + height, left:left + width]
 
