@@ -9,6 +9,7 @@ from conftest import FIXTURE_MODELS, fixture_model, tiny_config
 from unet_jax.models import build_model, count_params
 from unet_jax.errors import ConfigError
 from unet_jax.models.heads import ASPPHead, FCNHead, PSPHead
+from unet_jax.models import layers
 from unet_jax.models.layers import adaptive_pool_matrix
 from unet_jax.models.unet import UNet
 from unet_jax.config import load_config
@@ -214,3 +215,26 @@ def test_adaptive_pool_matrix_takes_a_symbolic_length():
         starts, ends = (np.arange(6) * n) // 6, -((-(np.arange(6) + 1) * n) // 6)
         widths = np.float32(1.0) / (ends - starts).astype(np.float64)
         np.testing.assert_array_equal(got.max(1), widths.astype(np.float32))
+
+
+@pytest.mark.parametrize("padding,dilation,kernel", [(1, 1, 3), (2, 2, 3), (0, 1, 3), (0, 1, 1)])
+def test_conv_formulations_have_lax_conv_values_and_gradients(x64, padding, dilation, kernel):
+    """`conv2d_gemm` and `conv2d_wgrad_gemm` are lax.conv with other summation orders: in
+    float64 their values and both gradients agree with it to rounding (each output sums
+    k*k*C <= 72 products, each weight-gradient entry N*H*W <= 540: relative error far below
+    1e-12), so a wrong tap, offset or transpose shows at order 1."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 15, 18, 8)))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 8, 6)))
+
+    def grads(conv):
+        def loss(a, b):
+            return jnp.sum(jnp.sin(conv(a, b, padding, dilation)))
+        return (conv(x, w, padding, dilation), *jax.grad(loss, (0, 1))(x, w))
+
+    want = grads(layers._lax_conv)
+    for conv in (layers.conv2d_gemm, layers.conv2d_wgrad_gemm):
+        for got, ref in zip(grads(conv), want):
+            assert got.dtype == jnp.float64 and got.shape == ref.shape
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0,
+                                       atol=1e-12 * float(jnp.abs(ref).max()))

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from unet_jax.models import unet2015
-from unet_jax.models.unet2015 import UNet2015, UpConv
+from unet_jax.models.unet2015 import UNet2015, up_conv
 
 
 def _abstract(in_channels: int = 1, num_classes: int = 2) -> UNet2015:
@@ -58,7 +58,7 @@ def test_refuses_sizes_that_do_not_pool_evenly(size, near):
 def test_upconv_is_torchs_transposed_conv_k2_s2():
     """y[2i + a, 2j + b] = x[i, j] @ W[a, b] + bias: ConvTranspose2d(kernel 2, stride 2) by its
     definition (each input pixel scatters one 2x2 block), in float64 numpy."""
-    layer = UpConv(3, 5, rngs=nnx.Rngs(1))
+    layer = up_conv(3, 5, rngs=nnx.Rngs(1))
     x = np.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(np.float32)
     kernel, bias = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...])
     want, magnitude = np.zeros((2, 8, 6, 5)), np.zeros((2, 8, 6, 5))

@@ -127,10 +127,52 @@ def _conv2d_gemm_bwd(padding, dilation, res, dy):
 
 conv2d_gemm.defvjp(_conv2d_gemm_fwd, _conv2d_gemm_bwd)
 
+def _lax_conv(x: jax.Array, kernel: jax.Array, padding: int, dilation: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
+                                        rhs_dilation=(dilation, dilation),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_wgrad_gemm(x: jax.Array, kernel: jax.Array, padding: int, dilation: int) -> jax.Array:
+    """A stride-1 conv as XLA's conv, whose weight gradient is one matrix product per tap.
+
+    Forward and input gradient are XLA's own; for the weight gradient XLA:CPU runs a conv over
+    transposed copies of x and dy whose innermost dimension is the batch size (4 at DRIVE), plus
+    layout copies; `sum_pixels x_tap^T dy` per kernel tap is the same maths as well-shaped GEMMs
+    (`experiments/step_profile.py` measures both; ../shared/docs/research/cpu_conv_speed.md).
+    """
+    return _lax_conv(x, kernel, padding, dilation)
+
+
+def _wgrad_gemm_fwd(x, kernel, padding, dilation):
+    return _lax_conv(x, kernel, padding, dilation), (x, kernel)
+
+
+def _wgrad_gemm_bwd(padding, dilation, res, dy):
+    x, kernel = res
+    k, _, c, o = kernel.shape
+    dx = jax.linear_transpose(lambda a: _lax_conv(a, kernel, padding, dilation), x)(dy)[0]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    dy2 = dy.reshape(-1, o)
+    acc = float_dtype_for(x.dtype)
+    taps = [jax.lax.dot_general(
+        xp[:, i * dilation:i * dilation + out_h, j * dilation:j * dilation + out_w].reshape(-1, c),
+        dy2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+        for i in range(k) for j in range(k)]
+    return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv2d_wgrad_gemm.defvjp(_wgrad_gemm_fwd, _wgrad_gemm_bwd)
+
 # Output maps of at most this many pixels per image run as `conv2d_gemm`, larger ones as XLA's
 # conv (measured per UNet shape at crops 64 and 128 in experiments/studies/conv_formulations.py: the
 # matrix form wins from 8 x 8 down, where the channels are 512-1024, and loses from 16 x 16 up).
 GEMM_MAX_PIXELS = 64
+# Larger stride-1 maps take their weight gradient as per-tap matrix products
+# (`conv2d_wgrad_gemm`); measured in experiments/step_profile.py and results/step_profile.md.
+WGRAD_AS_GEMM = False
 
 
 def _small(height, width) -> bool:
@@ -163,6 +205,8 @@ class Conv(nnx.Module):
         k, p, d, s = kernel.shape[0], self.padding, self.dilation, self.stride
         if s == 1 and _small(x.shape[1] + 2 * p - d * (k - 1), x.shape[2] + 2 * p - d * (k - 1)):
             return conv2d_gemm(x, kernel, p, d)
+        if s == 1 and WGRAD_AS_GEMM:
+            return conv2d_wgrad_gemm(x, kernel, p, d)
         return jax.lax.conv_general_dilated(x, kernel, (s, s), [(p, p), (p, p)],
                                             rhs_dilation=(d, d),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -290,7 +334,10 @@ class ConvTranspose(nnx.Module):
 
     `kernel` is (k, k, in, out), torch's (in, out, k, k) weight with its axes moved, not flipped:
     input pixel y adds `x[y] * kernel[i]` to output pixel y * stride - padding + i. It runs as
-    the equivalent stride-1 conv of the flipped kernel over the input dilated by `stride`.
+    the equivalent stride-1 conv of the flipped kernel over the input dilated by `stride`, or,
+    when kernel = stride and no padding (the output blocks do not overlap: the 2015 U-Net's 2x2
+    up-convolution, mmseg's DeconvModule with kernel 2), as one matrix product per input pixel,
+    y[s i + a, s j + b] = x[i, j] @ kernel[a, b]: no dilated input, no conv over its zeros.
     By default initialised with the variance of torch's default (uniform, bound
     1 / sqrt(out k k)), which mmseg keeps for it (its UNet's Kaiming init names Conv2d only);
     `kernel_init` / `bias_init` (key, shape, dtype) -> array replace it (e.g. the 2015 U-Net's
@@ -310,7 +357,13 @@ class ConvTranspose(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)[::-1, ::-1]
+        kernel = self.kernel[...].astype(self.dtype)
+        k = kernel.shape[0]
+        if k == self.stride and self.padding == 0:
+            n, h, w, _ = x.shape
+            y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel)
+            return y.reshape(n, h * k, w * k, kernel.shape[-1]) + self.bias[...].astype(self.dtype)
+        kernel = kernel[::-1, ::-1]
         edge = kernel.shape[0] - 1 - self.padding
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), kernel, (1, 1), [(edge, edge), (edge, edge)],

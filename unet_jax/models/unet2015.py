@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unet_jax.models.layers import host_normal, max_pool_2x2
+from unet_jax.models.layers import ConvTranspose, host_normal, max_pool_2x2
 
 CHANNELS = (64, 128, 256, 512, 1024)
 CONTEXT = 92  # input pixels each side of the output that an output pixel sees
@@ -75,27 +75,13 @@ class Conv(nnx.Module):
         return y + self.bias[...].astype(self.dtype)
 
 
-class UpConv(nnx.Module):
-    """The 2x2 up-convolution: a transposed convolution with kernel 2 and stride 2, with bias.
-
-    Its 2x2 output blocks do not overlap, so each input pixel's block is one matrix product:
-    y[2i + a, 2j + b] = x[i, j] @ kernel[a, b] + bias.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        # fan_in of a stride-2 transposed conv: each output pixel sums over in_channels inputs.
-        shape = (2, 2, in_channels, out_channels)
-        self.kernel = nnx.Param(host_normal(lambda s: float(np.sqrt(2.0 / s[2])))(
-            rngs.params(), shape, jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32))
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n, h, w, _ = x.shape
-        kernel = self.kernel[...].astype(self.dtype)
-        y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel)
-        return y.reshape(n, 2 * h, 2 * w, kernel.shape[-1]) + self.bias[...].astype(self.dtype)
+def up_conv(in_channels: int, out_channels: int, *, dtype=jnp.float32,
+            rngs: nnx.Rngs) -> ConvTranspose:
+    """The 2x2 up-convolution: torch's ConvTranspose2d(kernel 2, stride 2) with bias, He init
+    (fan_in = in_channels: each output pixel sums one input pixel's channels), bias 0."""
+    return ConvTranspose(in_channels, out_channels, 2, stride=2, dtype=dtype,
+                         kernel_init=host_normal(lambda s: float(np.sqrt(2.0 / s[2]))),
+                         bias_init=lambda key, shape, dtype: jnp.zeros(shape, dtype), rngs=rngs)
 
 
 class DoubleConv(nnx.Module):
@@ -127,7 +113,7 @@ class UNet2015(nnx.Module):
         ins = (in_channels,) + chans[:-1]
         self.down = nnx.List([DoubleConv(i, o, dtype=dtype, rngs=rngs)
                               for i, o in zip(ins, chans)])
-        self.up = nnx.List([UpConv(chans[k + 1], chans[k], dtype=dtype, rngs=rngs)
+        self.up = nnx.List([up_conv(chans[k + 1], chans[k], dtype=dtype, rngs=rngs)
                             for k in reversed(range(4))])
         self.dec = nnx.List([DoubleConv(2 * chans[k], chans[k], dtype=dtype, rngs=rngs)
                              for k in reversed(range(4))])
