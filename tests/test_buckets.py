@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -160,15 +161,16 @@ def test_demo_trains_into_a_bucket_and_resumes_after_sigkill_bit_exactly(
 
 def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
         gcs, run_env, tmp_path):
-    """Two processes, each with its own HOME, TMPDIR and working folder, read the prepared
-    records from the bucket (each copies them to its own cache and reads its rows) and train
-    into one gs:// workdir; its checkpoint restores here, and predict reads it and writes PNGs
-    into the bucket."""
+    """Two processes, each with its own HOME, TMPDIR and working folder, train into one gs://
+    workdir with a gs:// data folder that holds nothing yet: process 0 prepares the records
+    and uploads them (the same bytes as a local preparation), process 1 waits and reads them
+    (each copies them to its own cache and reads its rows); the checkpoint restores here, and
+    predict reads it and writes PNGs into the bucket."""
     import fsspec
     from unet_jax.io import paths
 
     fs = fsspec.filesystem("gs")
-    fs.put(run_env["UNET_JAX_TEST_TFDS"], f"{BUCKET}/tfds", recursive=True)
+    assert not fs.exists(f"{BUCKET}/tfds")
     address = f"127.0.0.1:{free_port()}"
     pod = _url("pod")
     jobs = []
@@ -184,7 +186,13 @@ def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
                "--config.train.batch_size=4", "--config.train.eval_every=0",
                "--config.data.host_shard=True", f"--config.data.tfds_data_dir={_url('tfds')}"]
         jobs.append((cmd, env, host))
-    run_together(jobs)
+    outputs = run_together(jobs)
+    assert [out.count("records of synthetic uploaded to gs://") for out in outputs] == [1, 0]
+    uploaded = sorted(p for p in fs.find(f"{BUCKET}/tfds"))
+    assert [p.rsplit("/", 1)[1] for p in uploaded] == [
+        "train.array_record", "validation.array_record"]
+    local = sorted(pathlib.Path(run_env["UNET_JAX_TEST_TFDS"]).rglob("*.array_record"))
+    assert [fs.cat_file(p) for p in uploaded] == [p.read_bytes() for p in local]
     for pid in range(2):  # each host read the records from its own copy
         assert list((tmp_path / f"host{pid}" / "tmp" / "unet_jax_cache").rglob("*.array_record"))
 

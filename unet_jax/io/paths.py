@@ -18,12 +18,14 @@ Two process-wide defaults are set on import of this module (only if the user has
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Union
 
 os.environ.setdefault("EPATH_USE_TF", "false")
@@ -103,6 +105,23 @@ def move(source: AnyPath, target: AnyPath) -> None:
         src_fs.rm(src, recursive=True)
 
 
+@contextlib.contextmanager
+def staged(path: AnyPath) -> Iterator[pathlib.Path]:
+    """A local path through which to write the file or folder `path`, for the writers that
+    write only local files (PIL, numpy, torch, ArrayRecord, TFDS): `path` itself when it is
+    local; for a URL, a path in a new local temporary folder, uploaded to `path` when the block
+    ends without an error (each object whole, so a reader never sees a part of one) and
+    removed either way."""
+    if not is_url(path):
+        yield pathlib.Path(os.fspath(path))
+        return
+    with tempfile.TemporaryDirectory(prefix="unet_jax_stage_") as tmp:
+        local = pathlib.Path(tmp) / path.name
+        yield local
+        if local.exists():
+            move(local, path)
+
+
 def files_under(folder: AnyPath) -> list[AnyPath]:
     """The files under a bucket folder, recursively, as URLs (one listing of the prefix: epath
     refuses `rglob` there, and its `walk` drops the `gs://`)."""
@@ -157,4 +176,4 @@ def _remote_info(path: AnyPath) -> tuple[int, str]:
 
 
 __all__ = ["AnyPath", "PathLike", "append_line", "as_path", "cache_root", "files_under",
-           "is_url", "local_copy", "move", "replace_text", "to_path"]
+           "is_url", "local_copy", "move", "replace_text", "staged", "to_path"]
