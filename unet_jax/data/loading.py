@@ -115,8 +115,8 @@ def prepare(data: Any) -> AnyPath:
     data = _data(data)
     if DATASETS[data.name].records is not None:
         return DATASETS[data.name].records(data)
-    builder = get_builder(data)
     try:
+        builder = get_builder(data)  # lists a bucket's folder: no permission fails here
         if paths.is_url(builder.data_dir):
             return _prepare_remote(builder, data)
         if not builder.is_prepared():
@@ -131,7 +131,8 @@ def prepare(data: Any) -> AnyPath:
         reason = storage_error(err)
         if reason is None:
             raise
-        raise DataError(f"{builder.data_dir}: cannot prepare {data.name} there: {reason}") from err
+        raise DataError(f"{data.tfds_data_dir}: cannot prepare {data.name} there: {reason}"
+                        ) from err
     return records_dir(builder)
 
 
