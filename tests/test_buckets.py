@@ -297,8 +297,9 @@ def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
 def test_a_folder_dataset_in_a_bucket_is_copied_and_its_records_do_not_depend_on_the_copy(
         gcs, tmp_path, monkeypatch):
     """data.root = gs://...: each host copies the folder to its own cache and prepares from it
-    into records in the bucket (data.tfds_data_dir = gs://...); another host's copy gives the same records folder (nothing prepared again), a rewritten
-    object is copied again and prepared again, and a problem names the bucket's file."""
+    into records in the bucket (data.tfds_data_dir = gs://...); another host's copy gives the
+    same records folder (nothing prepared again), a rewritten object is copied again and
+    prepared again, and a problem names the bucket's file."""
     import fsspec
     from test_folder_dataset import config_for
     from unet_jax import data

@@ -334,7 +334,9 @@ def _key(data: Any, items: Sequence[Item]) -> str:
     remote = paths.is_url(str(data.root))
 
     def name(path: Path) -> str:
-        return f"{_named(data, local)}/{path.relative_to(local).as_posix()}" if remote else str(path)
+        if not remote:
+            return str(path)
+        return f"{_named(data, local)}/{path.relative_to(local).as_posix()}"
 
     def stat(path: Path | None) -> Any:
         if path is None:
