@@ -66,7 +66,7 @@ def root(data: Any) -> Path:
     """`data.root` as a local folder: `~` expanded; a bucket folder (`gs://...`) is copied to
     this host's cache first and kept in step with the bucket (`paths.local_folder`)."""
     if paths.is_url(str(data.root)):
-        return paths.local_folder(str(data.root))
+        return _COPIES.get(str(data.root)) or paths.local_folder(str(data.root))
     return Path(str(data.root)).expanduser()
 
 
@@ -402,24 +402,33 @@ def _examples(items: Sequence[Item], data: Any, split: str, stats: _Stats,
             yield example
 
 
+_COPIES: dict[str, Path] = {}  # a bucket data.root -> its copy, while one operation runs on it
+
+
 @contextlib.contextmanager
-def _bucket_names(data: Any) -> Iterator[None]:
-    """Problem lines about a copy of a bucket folder name the bucket's files, not the copy."""
+def _from_bucket(data: Any) -> Iterator[None]:
+    """For a bucket `data.root`: bring its copy in step once for the whole operation (`root`
+    then lists the bucket no more), and let problem lines name the bucket's files, not the
+    copy's."""
+    url = str(data.root)
+    if not paths.is_url(url) or url in _COPIES:
+        yield
+        return
+    local = _COPIES[url] = paths.local_folder(url)
     try:
         yield
     except DataProblems as err:
-        if not paths.is_url(str(data.root)):
-            raise
-        local = str(root(data))
-        raise DataProblems([line.replace(local, _named(data, Path(local)))
+        raise DataProblems([line.replace(str(local), _named(data, local))
                             for line in err.problems]) from None
+    finally:
+        _COPIES.pop(url, None)
 
 
 def prepare(data: Any) -> paths.AnyPath:
     """Check every pair of the folder dataset of `data` and write its records once; returns
     the records folder (see the module). Raises `DataProblems` listing every problem; nothing is
     written then."""
-    with _bucket_names(data):
+    with _from_bucket(data):
         return _prepare(data)
 
 
@@ -507,7 +516,7 @@ def complete_config(config: Any) -> None:
         if tuple(d.image_size) != zero:
             size = tuple(d.image_size)
         else:
-            with _bucket_names(d):
+            with _from_bucket(d):
                 size = _common_size(d)
         d.image_size = size
         if tuple(d.img_scale) == zero:
