@@ -142,8 +142,8 @@ def _prepare_remote(builder: tfds.core.DatasetBuilder, data: Any) -> AnyPath:
 
     TFDS writes through TensorFlow's own GCS client (which ignores `STORAGE_EMULATOR_HOST`) and
     ArrayRecord writes local files only, so the dataset is built locally; only the records go
-    up (what every reader here reads), not the TFDS files: `load_split` on a bucket needs a
-    TFDS build there (`tfds build --data_dir gs://...`).
+    up (what every reader here reads), not the TFDS files, so `load_split` (the TFDS view)
+    does not read a bucket that only this prepared.
     """
     remote = records_dir(builder)
     targets = {split: records.split_path(remote, split) for split in RECORD_SPLITS}
