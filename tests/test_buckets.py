@@ -3,8 +3,10 @@ real GCS server (fake-gcs-server on 127.0.0.1, the clients pointed at it by
 STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL only)."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -111,6 +113,75 @@ def test_a_missing_bucket_is_one_line_before_anything_runs(gcs, train_config):
     assert "\n" not in str(err.value)
 
 
+class _NoRole(http.server.BaseHTTPRequestHandler):
+    """Answers every request as GCS answers an account that has no role on the bucket: HTTP
+    403 with GCS's JSON error (the emulator has no permissions to refuse with)."""
+
+    def _refuse(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        message = ("unet-jax-test@example.iam.gserviceaccount.com does not have "
+                   "storage.objects.list access to the Google Cloud Storage bucket. Permission "
+                   "'storage.objects.list' denied on resource (or it may not exist).")
+        body = json.dumps({"error": {"code": 403, "message": message, "errors": [
+            {"message": message, "domain": "global", "reason": "forbidden"}]}}).encode()
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+    def do_HEAD(self) -> None:
+        self.send_response(403)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def no_role(monkeypatch):
+    """This process's GCS clients pointed at a server that refuses everything with 403."""
+    import gcsfs
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoRole)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
+        monkeypatch.setenv(key, url)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    gcsfs.GCSFileSystem.clear_instance_cache()  # gcsfs reads the endpoint when it is created
+    try:
+        yield
+    finally:
+        server.shutdown()
+        gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize("where", ["workdir", "data"])
+def test_a_path_without_permission_is_one_line_before_any_training(where, no_role,
+                                                                   train_config, tmp_path):
+    """A workdir, or a data folder, in a bucket this account may not use: one line naming the
+    path and GCS's refusal, before a training step (no metrics written)."""
+    from unet_jax.errors import DataError, WorkdirError
+    from unet_jax.train import train_and_evaluate
+
+    config, workdir = train_config(), tmp_path / "run"
+    if where == "workdir":
+        workdir, error, said = "gs://unet-jax-denied/run", WorkdirError, "cannot write there"
+    else:
+        config.data.tfds_data_dir = "gs://unet-jax-denied/tfds"
+        error, said = DataError, "cannot prepare synthetic there"
+    with pytest.raises(error) as err:
+        train_and_evaluate(config, workdir)
+    text = str(err.value)
+    assert f"gs://unet-jax-denied/{where.replace('data', 'tfds').replace('workdir', 'run')}: "\
+        f"{said}" in text, text
+    assert "Forbidden" in text and "\n" not in text, text
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ------------------------------------------------------------------------------ training
 def _unshared(env: dict[str, str], workdir: str, *flags: str) -> subprocess.CompletedProcess:
     """The training CLI as pid 1 of a new pid namespace (a restarted container's run)."""
@@ -160,15 +231,16 @@ def test_demo_trains_into_a_bucket_and_resumes_after_sigkill_bit_exactly(
 
 def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
         gcs, run_env, tmp_path):
-    """Two processes, each with its own HOME, TMPDIR and working folder, read the prepared
-    records from the bucket (each copies them to its own cache and reads its rows) and train
-    into one gs:// workdir; its checkpoint restores here, and predict reads it and writes PNGs
-    into the bucket."""
+    """Two processes, each with its own HOME, TMPDIR and working folder, train into one gs://
+    workdir with a gs:// data folder that holds nothing yet: process 0 prepares the records
+    and uploads them (the same bytes as a local preparation), process 1 waits and reads them
+    (each copies them to its own cache and reads its rows); the checkpoint restores here, and
+    predict reads it and writes PNGs into the bucket."""
     import fsspec
     from unet_jax.io import paths
 
     fs = fsspec.filesystem("gs")
-    fs.put(run_env["UNET_JAX_TEST_TFDS"], f"{BUCKET}/tfds", recursive=True)
+    assert not fs.exists(f"{BUCKET}/tfds")
     address = f"127.0.0.1:{free_port()}"
     pod = _url("pod")
     jobs = []
@@ -184,7 +256,13 @@ def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
                "--config.train.batch_size=4", "--config.train.eval_every=0",
                "--config.data.host_shard=True", f"--config.data.tfds_data_dir={_url('tfds')}"]
         jobs.append((cmd, env, host))
-    run_together(jobs)
+    outputs = run_together(jobs)
+    assert [out.count("records of synthetic uploaded to gs://") for out in outputs] == [1, 0]
+    uploaded = sorted(p for p in fs.find(f"{BUCKET}/tfds"))
+    assert [p.rsplit("/", 1)[1] for p in uploaded] == [
+        "train.array_record", "validation.array_record"]
+    local = sorted(pathlib.Path(run_env["UNET_JAX_TEST_TFDS"]).rglob("*.array_record"))
+    assert [fs.cat_file(p) for p in uploaded] == [p.read_bytes() for p in local]
     for pid in range(2):  # each host read the records from its own copy
         assert list((tmp_path / f"host{pid}" / "tmp" / "unet_jax_cache").rglob("*.array_record"))
 
@@ -213,3 +291,51 @@ def test_two_hosts_share_only_the_bucket_and_predict_reads_and_writes_it(
     import io
     label = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{BUCKET}/preds/a.png"))))
     assert label.shape == (40, 48) and label.max() <= 1
+
+
+# ------------------------------------------------------------------------------ folder dataset
+def test_a_folder_dataset_in_a_bucket_is_copied_and_its_records_do_not_depend_on_the_copy(
+        gcs, tmp_path, monkeypatch):
+    """data.root = gs://...: each host copies the folder to its own cache and prepares from it
+    into records in the bucket (data.tfds_data_dir = gs://...); another host's copy gives the
+    same records folder (nothing prepared again), a rewritten object is copied again and
+    prepared again, and a problem names the bucket's file."""
+    import fsspec
+    from test_folder_dataset import config_for
+    from unet_jax import data
+    from unet_jax.errors import DataProblems
+    from unet_jax.io.images import encode_png
+
+    fs = fsspec.filesystem("gs")
+    rng = np.random.default_rng(0)
+    labels = {stem: (rng.integers(0, 2, (16, 24)) * 255).astype(np.uint8) for stem in "abc"}
+    for stem, label in labels.items():
+        fs.pipe_file(f"{BUCKET}/own/images/train/{stem}.png",
+                     encode_png(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)))
+        fs.pipe_file(f"{BUCKET}/own/labels/train/{stem}.png", encode_png(label))
+    monkeypatch.setenv("UNET_JAX_CACHE", str(tmp_path / "host0"))
+    config = config_for(_url("own"), tmp_path, data__val_stems=("c",),
+                        data__label_values=(0, 255), data__tfds_data_dir=_url("own-records"))
+    assert tuple(config.data.image_size) == (16, 24)
+    first = data.prepare(config.data)
+    assert str(first).startswith(f"gs://{BUCKET}/own-records/folder/")
+    train = data.source(config.data, "train")
+    assert train.names() == ["a", "b"]
+    np.testing.assert_array_equal(train[1]["label"], labels["b"] // 255)
+
+    monkeypatch.setenv("UNET_JAX_CACHE", str(tmp_path / "host1"))
+    assert data.prepare(config.data) == first
+    assert list((tmp_path / "host1").rglob("c.png"))  # this host's own copy
+
+    relabelled = 255 - labels["b"]
+    fs.pipe_file(f"{BUCKET}/own/labels/train/b.png", encode_png(relabelled))
+    second = data.prepare(config.data)
+    assert second != first
+    np.testing.assert_array_equal(data.source(config.data, "train")[1]["label"],
+                                  relabelled // 255)
+
+    fs.rm(f"{BUCKET}/own/labels/train/a.png")
+    with pytest.raises(DataProblems) as err:
+        data.prepare(config.data)
+    assert f"gs://{BUCKET}/own/images/train/a.png: image without a label" in str(err.value)
+    assert not [p for p in (tmp_path / "host1").rglob("a.png") if "labels" in p.parts]

@@ -453,9 +453,7 @@ def _check_data(c: Any) -> None:
 
 def _check_folder(c: Any) -> None:
     """The folder dataset's own fields, then what `configs/folder.py` leaves to the data."""
-    if "://" in _str(c, "data.root", allow_empty=False):
-        raise _fail("data.root", "a local folder (a folder dataset is read from local files; "
-                    "copy it from the bucket first, e.g. gcloud storage cp -r)", c.data.root)
+    _str(c, "data.root", allow_empty=False)  # a local folder or a bucket URL (copied locally)
     for field in ("train_images", "train_labels", "val_images", "val_labels", "image_suffix",
                   "label_suffix", "fov_labels"):
         _str(c, f"data.{field}")

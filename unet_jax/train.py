@@ -234,7 +234,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """
     check_config(config)
     workdir = paths.to_path(workdir)
-    created = not workdir.exists()
+    # a bucket's folder is not asked for (no permission would fail there, not at the lock)
+    created = not paths.is_url(workdir) and not workdir.exists()
     lock = WorkdirLock(workdir)
     error = None
     if parallel.is_main_process():
@@ -251,7 +252,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         return summary
     finally:
         lock.release()
-        if failed and created and parallel.is_main_process() and not paths.is_url(workdir):
+        if failed and created and parallel.is_main_process():
             _remove_empty_folders(workdir)
 
 

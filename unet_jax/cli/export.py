@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Collection, Sequence
@@ -154,23 +155,23 @@ def save_module(module: Any, output: str | Path, meta: dict[str, Any]) -> Path:
     import tensorflow as tf
 
     out = check_output(output)
-    remote = paths.is_url(out)
-    if not remote:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    # A bucket has no rename: the SavedModel is written locally and copied up when complete.
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-",
-                                    dir=None if remote else out.parent))
     try:
-        tf.saved_model.save(module, str(partial), signatures={"serving_default": module.serve})
-        (partial / META_FILE).parent.mkdir(parents=True, exist_ok=True)
-        (partial / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        check_output(out)
-        if out.exists() and not remote:
-            out.rmdir()
-        paths.move(partial, out)
-    except BaseException as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        reason = storage_error(err) if isinstance(err, Exception) else None
+        with paths.staged(out) as target:  # a bucket: written locally, uploaded when complete
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=target.parent))
+            try:
+                tf.saved_model.save(module, str(partial),
+                                    signatures={"serving_default": module.serve})
+                (partial / META_FILE).parent.mkdir(parents=True, exist_ok=True)
+                (partial / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+                check_output(out)
+                if target.exists():
+                    target.rmdir()
+                os.replace(partial, target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    except Exception as err:
+        reason = storage_error(err)
         if reason is None:
             raise
         raise InputError(f"{out}: cannot write the SavedModel: {reason}") from err

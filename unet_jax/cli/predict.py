@@ -53,7 +53,6 @@ import dataclasses
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -393,15 +392,10 @@ def save_submission(path: str | Path, pages: Sequence[np.ndarray]) -> None:
 def _write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(path)`; an OS error (a full disk, ...) removes the partial file and is one
     `InputError` naming the path (a write error of its own names no file). A bucket object is
-    written locally first and uploaded whole (the writers are PIL's and numpy's, local only)."""
+    written locally first and uploaded whole (`paths.staged`: PIL and numpy write local files)."""
     try:
-        if paths.is_url(path):
-            with tempfile.TemporaryDirectory(prefix="unet_jax_predict_") as tmp:
-                local = Path(tmp) / path.name
-                write(local)
-                path.write_bytes(local.read_bytes())
-            return
-        write(path)
+        with paths.staged(path) as local:
+            write(local)
     except OSError as err:
         path.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write: {storage_error(err)}") from err

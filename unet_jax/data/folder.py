@@ -7,7 +7,10 @@ maps the label values to class indices (0..K-1, 255 = ignore) and writes the rec
 shares (`unet_jax.data.records`). All problems are reported together (`DataProblems`, one line
 each) and nothing is written then. The records lie in `<data.tfds_data_dir>/folder/<key>/records`,
 where `key` digests the settings and every file's size and modification time: editing the folder
-prepares it again, an unchanged folder is prepared once.
+prepares it again, an unchanged folder is prepared once. `data.root` may be a bucket folder
+(`gs://...`): each host reads it from its own copy in its cache (`paths.local_folder`, in step
+with the bucket), the key names the bucket's files, not the copy; `data.tfds_data_dir` may be a
+bucket too (the records are written locally and uploaded).
 
 `data.sample_weights` (optional) names a text file of `stem,weight` lines: each training image's
 loss weight (mmseg's per-sample `weight`; 1 for stems it does not list). It is checked with the
@@ -20,11 +23,13 @@ common training image size).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ import numpy as np
 
 from unet_jax.data import records
 from unet_jax.errors import DataProblems
-from unet_jax.io import images
+from unet_jax.io import images, paths
 
 NAME = "folder"
 FOV = "the masks in data.fov_labels (nonzero = inside)"
@@ -58,8 +63,17 @@ class Item:
 
 # ------------------------------------------------------------------------------ settings
 def root(data: Any) -> Path:
-    """`data.root` as a path (`~` expanded)."""
+    """`data.root` as a local folder: `~` expanded; a bucket folder (`gs://...`) is copied to
+    this host's cache first and kept in step with the bucket (`paths.local_folder`)."""
+    if paths.is_url(str(data.root)):
+        return _COPIES.get(str(data.root)) or paths.local_folder(str(data.root))
     return Path(str(data.root)).expanduser()
+
+
+def _named(data: Any, local: Path) -> str:
+    """What problem lines and the summary call the folder `local` (the result of `root`): the
+    bucket URL for a copy of one, else the folder itself."""
+    return str(data.root).rstrip("/") if paths.is_url(str(data.root)) else str(local)
 
 
 def label_values(data: Any) -> tuple[Any, ...]:
@@ -312,25 +326,40 @@ def sample_weights(data: Any, names: Sequence[str]) -> np.ndarray | None:
 
 # ------------------------------------------------------------------------------ preparing
 def _key(data: Any, items: Sequence[Item]) -> str:
-    """A digest of everything the records depend on: settings, and each file's size and time."""
+    """A digest of everything the records depend on: settings, and each file's size and time.
+
+    A bucket folder is named by its URL and its files by their names in it (their copies keep
+    the objects' times), so the digest does not depend on where this host keeps the copy."""
+    local = root(data)
+    remote = paths.is_url(str(data.root))
+
+    def name(path: Path) -> str:
+        if not remote:
+            return str(path)
+        return f"{_named(data, local)}/{path.relative_to(local).as_posix()}"
+
     def stat(path: Path | None) -> Any:
         if path is None:
             return None
         try:
             st = path.stat()
         except OSError:
-            return str(path)
-        return [str(path), st.st_size, st.st_mtime_ns]
-    text = json.dumps({"version": _VERSION, "root": str(root(data).resolve()),
+            return name(path)
+        return [name(path), st.st_size, st.st_mtime_ns]
+    text = json.dumps({"version": _VERSION,
+                       "root": _named(data, local) if remote else str(local.resolve()),
                        "values": label_values(data), "ignore": ignore_value(data),
                        "items": [[i.split, i.stem, stat(i.image), stat(i.label), stat(i.fov)]
                                  for i in items]})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def records_folder(data: Any, items: Sequence[Item]) -> Path:
-    """Where the records of `data` (listed as `items`) lie once prepared."""
-    return Path(str(data.tfds_data_dir)).expanduser() / NAME / _key(data, items) / "records"
+def records_folder(data: Any, items: Sequence[Item]) -> paths.AnyPath:
+    """Where the records of `data` (listed as `items`) lie once prepared (a local folder or a
+    bucket URL, as `data.tfds_data_dir`)."""
+    base = str(data.tfds_data_dir)
+    base_path = paths.as_path(base) if paths.is_url(base) else Path(base).expanduser()
+    return base_path / NAME / _key(data, items) / "records"
 
 
 class _Stats:
@@ -355,7 +384,7 @@ class _Stats:
         total = max(int(self.pixels.sum()), 1)
         shares = ", ".join(f"{name} {100 * n / total:.1f}%"
                            for name, n in zip(data.classes, self.pixels[:-1]))
-        return (f"folder dataset {root(data)}: {self.pairs['train']} train and "
+        return (f"folder dataset {_named(data, root(data))}: {self.pairs['train']} train and "
                 f"{self.pairs['validation']} validation pairs; image sizes (WxH) {sizes}; class "
                 f"pixel shares: {shares}, ignored {100 * self.pixels[-1] / total:.1f}%; records "
                 f"in {where}")
@@ -373,16 +402,45 @@ def _examples(items: Sequence[Item], data: Any, split: str, stats: _Stats,
             yield example
 
 
-def prepare(data: Any) -> Path:
+_COPIES: dict[str, Path] = {}  # a bucket data.root -> its copy, while one operation runs on it
+
+
+@contextlib.contextmanager
+def _from_bucket(data: Any) -> Iterator[None]:
+    """For a bucket `data.root`: bring its copy in step once for the whole operation (`root`
+    then lists the bucket no more), and let problem lines name the bucket's files, not the
+    copy's."""
+    url = str(data.root)
+    if not paths.is_url(url) or url in _COPIES:
+        yield
+        return
+    local = _COPIES[url] = paths.local_folder(url)
+    try:
+        yield
+    except DataProblems as err:
+        raise DataProblems([line.replace(str(local), _named(data, local))
+                            for line in err.problems]) from None
+    finally:
+        _COPIES.pop(url, None)
+
+
+def prepare(data: Any) -> paths.AnyPath:
     """Check every pair of the folder dataset of `data` and write its records once; returns
     the records folder (see the module). Raises `DataProblems` listing every problem; nothing is
     written then."""
+    with _from_bucket(data):
+        return _prepare(data)
+
+
+def _prepare(data: Any) -> paths.AnyPath:
     items, problems = find_items(data)
     problems += read_sample_weights(data, [i.stem for i in items if i.split == "train"])[1]
     folder = records_folder(data, items)
     if not problems and all(records.split_path(folder, s).is_file() for s in SPLITS):
         return folder
-    stage = folder.parent.with_name(f".{folder.parent.name}.partial-{os.getpid()}")
+    remote = paths.is_url(folder)  # records in a bucket: written locally, uploaded per split
+    stage = (Path(tempfile.mkdtemp(prefix="unet_jax_folder_")) if remote else
+             folder.parent.with_name(f".{folder.parent.name}.partial-{os.getpid()}"))
     stats = _Stats(len(data.classes))
     try:
         for split in SPLITS:
@@ -390,6 +448,12 @@ def prepare(data: Any) -> Path:
                                 records.split_path(stage / "records", split))
         if problems:
             raise DataProblems(problems)
+        if remote:
+            for split in SPLITS:
+                paths.move(records.split_path(stage / "records", split),
+                           records.split_path(folder, split))
+            print(stats.summary(data, folder))
+            return folder
         folder.parent.parent.mkdir(parents=True, exist_ok=True)
         if folder.parent.exists():  # records of these files, damaged (a records file deleted)
             shutil.rmtree(folder.parent)
@@ -449,7 +513,11 @@ def complete_config(config: Any) -> None:
                           for i, v in enumerate(values))
     zero = (0, 0)
     if zero in (tuple(d.image_size), tuple(d.img_scale), tuple(d.crop_size)):
-        size = tuple(d.image_size) if tuple(d.image_size) != zero else _common_size(d)
+        if tuple(d.image_size) != zero:
+            size = tuple(d.image_size)
+        else:
+            with _from_bucket(d):
+                size = _common_size(d)
         d.image_size = size
         if tuple(d.img_scale) == zero:
             d.img_scale = tuple(size)

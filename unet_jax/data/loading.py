@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from unet_jax.data import cityscapes, folder, records
 from unet_jax.data.builders import chase_db1, drive, hrf, stare
 from unet_jax.data.builders.common import check_manual_dir, data_error
 from unet_jax.data.synthetic import Synthetic, synthetic_config
+from unet_jax.io import paths
 from unet_jax.io.paths import AnyPath, as_path  # a local folder or a bucket URL
 
 
@@ -102,7 +104,7 @@ def records_dir(builder: tfds.core.DatasetBuilder) -> AnyPath:
     return as_path(builder.data_dir) / "records"
 
 
-def prepare(data: Any) -> Path:
+def prepare(data: Any) -> AnyPath:
     """Build the dataset into `data.tfds_data_dir` and write its records, unless they are there
     already; returns the records folder.
 
@@ -113,8 +115,10 @@ def prepare(data: Any) -> Path:
     data = _data(data)
     if DATASETS[data.name].records is not None:
         return DATASETS[data.name].records(data)
-    builder = get_builder(data)
     try:
+        builder = get_builder(data)  # lists a bucket's folder: no permission fails here
+        if paths.is_url(builder.data_dir):
+            return _prepare_remote(builder, data)
         if not builder.is_prepared():
             _tensorflow()
             _build(builder, data)
@@ -127,8 +131,33 @@ def prepare(data: Any) -> Path:
         reason = storage_error(err)
         if reason is None:
             raise
-        raise DataError(f"{builder.data_dir}: cannot prepare {data.name} there: {reason}") from err
+        raise DataError(f"{data.tfds_data_dir}: cannot prepare {data.name} there: {reason}"
+                        ) from err
     return records_dir(builder)
+
+
+def _prepare_remote(builder: tfds.core.DatasetBuilder, data: Any) -> AnyPath:
+    """The records folder in a bucket (`data.tfds_data_dir` a URL): there already, or built in
+    a local temporary folder and uploaded split by split, each file one object.
+
+    TFDS writes through TensorFlow's own GCS client (which ignores `STORAGE_EMULATOR_HOST`) and
+    ArrayRecord writes local files only, so the dataset is built locally; only the records go
+    up (what every reader here reads), not the TFDS files, so `load_split` (the TFDS view)
+    does not read a bucket that only this prepared.
+    """
+    remote = records_dir(builder)
+    targets = {split: records.split_path(remote, split) for split in RECORD_SPLITS}
+    if all(path.is_file() for path in targets.values()):
+        return remote
+    with tempfile.TemporaryDirectory(prefix="unet_jax_prepare_") as tmp:
+        local = ml_collections.ConfigDict(data.to_dict())
+        local.tfds_data_dir = tmp
+        folder = prepare(local)
+        for split, target in targets.items():
+            if not target.is_file():
+                paths.move(records.split_path(folder, split), target)
+    print(f"records of {data.name} uploaded to {remote}")
+    return remote
 
 
 def _build(builder: tfds.core.DatasetBuilder, data: Any) -> None:

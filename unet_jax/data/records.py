@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -67,14 +66,15 @@ def write_split(examples: Iterable[Mapping[str, Any]], path: str | os.PathLike) 
 
     The examples are written as they come to a scratch file, then copied in name order (one
     record in memory at a time: Cityscapes' train split is ~7 GB of PNG). The result is renamed
-    into place when complete, so a half-written file is never read.
+    into place when complete, so a half-written file is never read; a bucket object is written
+    locally and uploaded whole (`paths.staged`: ArrayRecord writes local files only).
     """
-    path = as_path(path)
-    if paths.is_url(path):
-        with tempfile.TemporaryDirectory(prefix="unet_jax_records_") as local:
-            count = write_split(examples, os.path.join(local, path.name))
-            paths.move(as_path(local) / path.name, path)
-        return count
+    with paths.staged(as_path(path)) as local:
+        count = _write_local(examples, local)
+    return count
+
+
+def _write_local(examples: Iterable[Mapping[str, Any]], path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.unsorted")
     partial = path.with_name(f".{path.name}.partial")

@@ -18,12 +18,15 @@ Two process-wide defaults are set on import of this module (only if the user has
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Union
 
 os.environ.setdefault("EPATH_USE_TF", "false")
@@ -103,6 +106,23 @@ def move(source: AnyPath, target: AnyPath) -> None:
         src_fs.rm(src, recursive=True)
 
 
+@contextlib.contextmanager
+def staged(path: AnyPath) -> Iterator[pathlib.Path]:
+    """A local path through which to write the file or folder `path`, for the writers that
+    write only local files (PIL, numpy, torch, ArrayRecord, TFDS): `path` itself when it is
+    local; for a URL, a path in a new local temporary folder, uploaded to `path` when the block
+    ends without an error (each object whole, so a reader never sees a part of one) and
+    removed either way."""
+    if not is_url(path):
+        yield pathlib.Path(os.fspath(path))
+        return
+    with tempfile.TemporaryDirectory(prefix="unet_jax_stage_") as tmp:
+        local = pathlib.Path(tmp) / path.name
+        yield local
+        if local.exists():
+            move(local, path)
+
+
 def files_under(folder: AnyPath) -> list[AnyPath]:
     """The files under a bucket folder, recursively, as URLs (one listing of the prefix: epath
     refuses `rglob` there, and its `walk` drops the `gs://`)."""
@@ -133,28 +153,81 @@ def local_copy(path: AnyPath) -> pathlib.Path:
     target = cache_root() / key / path.name
     if target.is_file() and target.stat().st_size == info[0]:
         return target
+    _download(path, target, info[0])
+    return target
+
+
+def local_folder(folder: AnyPath) -> pathlib.Path:
+    """A local folder with the files of `folder`: `folder` itself when it is local, else a copy
+    in `cache_root()` kept in step with the bucket, for the readers of a folder of local files
+    (the folder dataset lists, stats and decodes them).
+
+    One listing of the bucket folder gives every object's size and generation; a file is copied
+    again when either changed (a file-versions record beside the copy says which generation
+    each file holds), a file gone from the bucket is removed, and each copy keeps its object's
+    modification time, so a digest of file sizes and times sees the bucket's objects, not when
+    they were copied. Each file is written beside its name and renamed into place.
+    """
+    if not is_url(folder):
+        return pathlib.Path(os.fspath(folder))
+    import fsspec
+    url = os.fspath(folder).rstrip("/")
+    fs, inner = fsspec.core.url_to_fs(url)
+    objects = {name[len(inner):].lstrip("/"): info
+               for name, info in fs.find(inner, detail=True).items()
+               if info.get("type") == "file" and name.startswith(inner + "/")}
+    base = cache_root() / "folders" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = base / pathlib.PurePosixPath(url).name
+    record = base / "versions.json"
+    held = json.loads(record.read_text()) if record.is_file() else {}
+    versions = {}
+    for name, info in sorted(objects.items()):
+        size, version = int(info["size"]), str(_version(info))
+        local = target / name
+        if held.get(name) != [size, version] or not local.is_file() or \
+                local.stat().st_size != size:
+            _download(epath.Path(fs.unstrip_protocol(f"{inner}/{name}")), local, size)
+            when = info.get("mtime")
+            if when is not None:
+                stamp = when.timestamp() if hasattr(when, "timestamp") else float(when)
+                os.utime(local, (stamp, stamp))
+        versions[name] = [size, version]
+    for local in [p for p in target.rglob("*") if p.is_file()] if target.is_dir() else []:
+        if local.relative_to(target).as_posix() not in versions:
+            local.unlink()
+    if versions:  # an empty or missing bucket folder leaves no local folder either
+        replace_text(record, json.dumps(versions))
+    return target
+
+
+def _download(path: AnyPath, target: pathlib.Path, size: int) -> None:
+    """Copy the object `path` of `size` bytes to the local file `target`, written beside it and
+    renamed into place, so that a killed copy is never taken for a complete one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         with path.open("rb") as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, 16 << 20)
-        if partial.stat().st_size != info[0]:
-            raise OSError(f"{path}: copied {partial.stat().st_size} bytes of {info[0]}")
+        if partial.stat().st_size != size:
+            raise OSError(f"{path}: copied {partial.stat().st_size} bytes of {size}")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    return target
 
 
 def _remote_info(path: AnyPath) -> tuple[int, str]:
-    """(size, version) of an object: its generation (GCS) or etag/mtime, whatever the store
-    reports, so that a rewritten object is copied again."""
+    """(size, version) of an object, so that a rewritten object is copied again."""
     import fsspec
     fs, inner = fsspec.core.url_to_fs(os.fspath(path))
     info = fs.info(inner)
-    version = info.get("generation") or info.get("etag") or info.get("mtime") or ""
-    return int(info["size"]), str(version)
+    return int(info["size"]), str(_version(info))
+
+
+def _version(info: dict) -> str:
+    """An object's version from its listing: its generation (GCS) or etag/mtime, whatever the
+    store reports."""
+    return str(info.get("generation") or info.get("etag") or info.get("mtime") or "")
 
 
 __all__ = ["AnyPath", "PathLike", "append_line", "as_path", "cache_root", "files_under",
-           "is_url", "local_copy", "move", "replace_text", "to_path"]
+           "is_url", "local_copy", "local_folder", "move", "replace_text", "staged", "to_path"]

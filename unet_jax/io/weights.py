@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -146,20 +145,14 @@ def export_pth(model: nnx.Module, path: str | Path, meta: dict[str, Any]) -> Pat
     path = as_path(path)
     if path.exists():
         raise InputError(f"{path} already exists; choose a new --output")
-    if paths.is_url(path):  # torch writes local files: write one, then upload it whole
-        with tempfile.TemporaryDirectory(prefix="unet_jax_pth_") as local:
-            export_pth(model, os.path.join(local, path.name), meta)
-            with writing(path):
-                paths.move(as_path(local) / path.name, path)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with writing(path):
+    with writing(path), paths.staged(path) as local:  # torch writes local files only
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(local.suffix + ".tmp")
+        try:
             torch.save(out, tmp)
-            tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            tmp.replace(local)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
