@@ -52,16 +52,18 @@ def test_window_grid_drive():
     assert inf.slide_windows(20, 50, (64, 64), (42, 42)) == [(0, 20, 0, 50)]
 
 
-def test_slide_batches_have_one_size():
-    """Every image that fills `batch_windows` runs in batches of exactly that many windows (a
-    whole number per device), so the model compiles once for all sizes; fewer windows take the
-    next power of two."""
+def test_slide_batch_shapes_do_not_depend_on_the_size():
+    """Full batches of `batch_windows` (a whole number per device) and a last one rounded up to
+    a multiple of TAIL_WINDOWS = 8: few batch shapes, so few model compiles for any sizes."""
     hrf = len(inf.slide_windows(2336, 3504, (256, 256), (170, 170)))
     assert hrf == 294
-    assert inf.slide_batch(hrf, 64, 1) == inf.slide_batch(182, 64, 1) == 64
-    assert inf.slide_batch(hrf, 62, 4) == 64
-    assert [inf.slide_batch(n, 64, 1) for n in (1, 2, 3, 5, 33, 63)] == [1, 2, 4, 8, 64, 64]
-    assert inf.slide_batch(3, 64, 4) == 4
+    assert inf.slide_batch(hrf, 64, 1) == (64, 40)
+    assert inf.slide_batch(182, 64, 1) == (64, 56)  # DRIVE: 184 forwards for 182 windows
+    assert inf.slide_batch(140, 64, 1) == (64, 16)
+    assert inf.slide_batch(128, 64, 1) == (64, 64)
+    assert inf.slide_batch(hrf, 62, 4) == (64, 40)
+    assert [inf.slide_batch(n, 64, 1)[1] for n in (1, 8, 9, 63)] == [8, 8, 16, 64]
+    assert inf.slide_batch(3, 64, 16) == (64, 16)
     assert inf.CPU_WINDOW_PIXELS // (256 * 256) == 16 and inf.CPU_WINDOW_PIXELS // 64**2 >= 64
 
 

@@ -178,15 +178,21 @@ def _coverage(length: Any, starts: jax.Array, size: Any) -> jax.Array:
 CPU_WINDOW_PIXELS = 16 * 256 * 256
 
 
-def slide_batch(num_windows: int, batch_windows: int, devices: int) -> int:
-    """Windows per forward: `batch_windows` (a whole number per device) for every image that
-    fills it, so the model compiles once for images of any size (the last batch is filled up
-    with dummy windows); an image with fewer windows takes the next power of two, so small
-    images neither pay for a full batch nor compile once per window count."""
+# The last batch of an image is rounded up to a multiple of this many windows, not to a full
+# batch: DRIVE's 182 windows run as 64 + 64 + 56 (184 forwards, not 192), an image of 140 as
+# 64 + 64 + 16; the model compiles at most batch / TAIL_WINDOWS times, for any number of sizes.
+TAIL_WINDOWS = 8
+
+
+def slide_batch(num_windows: int, batch_windows: int, devices: int) -> tuple[int, int]:
+    """(windows per forward, windows in the last forward): full batches of `batch_windows` (a
+    whole number per device) and a last one of the remaining windows rounded up to a multiple
+    of `TAIL_WINDOWS` (and of the device count), filled up with dummy windows. The batch
+    shapes do not depend on the image size, so the model compiles once per shape, not per
+    size."""
     batch = _round_up(max(1, batch_windows), devices)
-    if num_windows >= batch:
-        return batch
-    return min(batch, _round_up(1 << max(0, num_windows - 1).bit_length(), devices))
+    rest = num_windows - (-(-num_windows // batch) - 1) * batch
+    return batch, min(batch, _round_up(_round_up(rest, TAIL_WINDOWS), devices))
 
 
 def _replicated(mesh: jax.sharding.Mesh | None) -> Any:
@@ -203,8 +209,8 @@ def _spread(crops: jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
 
 
 class _Grid(NamedTuple):
-    """The slide windows of one image, row-major, padded with dummy windows at (0, 0) to whole
-    batches: starts (win_y, win_x) and `valid`; the window size (wh, ww), the padded size
+    """The slide windows of one image, row-major, followed by a batch of dummy windows at (0, 0):
+    starts (win_y, win_x) and `valid`; the window size (wh, ww), the padded size
     (ph, pw) the model sees, the per-axis starts (ys, xs) and the number of batches."""
 
     win_y: Any
@@ -228,24 +234,26 @@ def _grid(height: Any, width: Any, crop: tuple[int, int], stride: tuple[int, int
     rows, cols = ys.shape[0], xs.shape[0]
     n = rows * cols
     steps = (n + batch - 1) // batch
-    dummies = steps * batch - n  # at (0, 0), their logits not added
-    win_y = jnp.pad(jnp.broadcast_to(ys[:, None], (rows, cols)).reshape(n), (0, dummies))
-    win_x = jnp.pad(jnp.broadcast_to(xs[None, :], (rows, cols)).reshape(n), (0, dummies))
-    valid = jnp.arange(steps * batch) < n
+    # `batch` dummies at (0, 0), their logits not added: a batch starting at a real window
+    # ends within them
+    win_y = jnp.pad(jnp.broadcast_to(ys[:, None], (rows, cols)).reshape(n), (0, batch))
+    win_x = jnp.pad(jnp.broadcast_to(xs[None, :], (rows, cols)).reshape(n), (0, batch))
+    valid = jnp.arange(n + batch) < n
     return _Grid(win_y, win_x, valid, wh, ww, _round_up(wh, divisor), _round_up(ww, divisor),
                  ys, xs, steps)
 
 
-def _batch_starts(grid: _Grid, k: Any, batch: int) -> tuple[jax.Array, ...]:
-    return tuple(jax.lax.dynamic_slice_in_dim(v, k * batch, batch)
+def _batch_starts(grid: _Grid, start: Any, batch: int) -> tuple[jax.Array, ...]:
+    return tuple(jax.lax.dynamic_slice_in_dim(v, start, batch)
                  for v in (grid.win_y, grid.win_x, grid.valid))
 
 
-def _slide_cut(image: jax.Array, k: Any, *, crop: tuple[int, int], stride: tuple[int, int],
+def _slide_cut(image: jax.Array, start: Any, *, crop: tuple[int, int], stride: tuple[int, int],
                batch: int, divisor: int, mesh: jax.sharding.Mesh | None) -> jax.Array:
-    """Batch `k` of the image's windows (batch, ph, pw, 3), each zero-padded to the divisor."""
+    """Windows start ... start + batch - 1 of the image (batch, ph, pw, 3), each zero-padded to
+    the divisor."""
     g = _grid(image.shape[0], image.shape[1], crop, stride, batch, divisor)
-    bys, bxs, _ = _batch_starts(g, k, batch)
+    bys, bxs, _ = _batch_starts(g, start, batch)
 
     def cut(y: jax.Array, x: jax.Array) -> jax.Array:
         win = jax.lax.dynamic_slice(image, (y, x, 0), (g.wh, g.ww, image.shape[-1]))
@@ -254,12 +262,12 @@ def _slide_cut(image: jax.Array, k: Any, *, crop: tuple[int, int], stride: tuple
     return _spread(jax.vmap(cut)(bys, bxs), mesh)
 
 
-def _slide_add(canvas: jax.Array, logits: jax.Array, k: Any, *, crop: tuple[int, int],
+def _slide_add(canvas: jax.Array, logits: jax.Array, start: Any, *, crop: tuple[int, int],
                stride: tuple[int, int], batch: int) -> jax.Array:
-    """`canvas` (H, W, C) plus the logits of batch `k`'s real windows, added one window at a
-    time in row-major order (mmseg's order: the sums round as its do)."""
+    """`canvas` (H, W, C) plus the logits of the real windows among start ... start + batch - 1,
+    added one window at a time in row-major order (mmseg's order: the sums round as its do)."""
     g = _grid(canvas.shape[0], canvas.shape[1], crop, stride, batch, 1)
-    bys, bxs, bvalid = _batch_starts(g, k, batch)
+    bys, bxs, bvalid = _batch_starts(g, start, batch)
 
     def add(i: jax.Array, canvas: jax.Array) -> jax.Array:
         start = (bys[i], bxs[i], 0)
@@ -287,20 +295,20 @@ _slide_mean_jit = jax.jit(_slide_mean, static_argnames=("crop", "stride"))
 
 
 def _slide(forward: ApplyFn, image: jax.Array, crop: tuple[int, int], stride: tuple[int, int],
-           num_classes: int, batch: int, divisor: int,
+           num_classes: int, batch: int, tail: int, divisor: int,
            mesh: jax.sharding.Mesh | None) -> jax.Array:
     """Cut a batch of windows, run the model on it, add its logits into the canvas; repeat;
     divide by the window count. For concrete sizes a Python loop over small per-size programs
     around `forward`, compiled once per batch shape whatever the image size; for symbolic H
     and W (an export) the same steps in one `fori_loop`."""
     height, width = image.shape[0], image.shape[1]
-    where = dict(crop=crop, stride=stride, batch=batch)
     if jax.export.is_symbolic_dim(height) or jax.export.is_symbolic_dim(width):
         steps = _grid(height, width, crop, stride, batch, divisor).steps
+        where = dict(crop=crop, stride=stride, batch=batch)
 
         def step(k: jax.Array, canvas: jax.Array) -> jax.Array:
-            crops = _slide_cut(image, k, divisor=divisor, mesh=mesh, **where)
-            return _slide_add(canvas, forward(crops), k, **where)
+            crops = _slide_cut(image, k * batch, divisor=divisor, mesh=mesh, **where)
+            return _slide_add(canvas, forward(crops), k * batch, **where)
 
         canvas = jnp.zeros((height, width, num_classes), jnp.float32)
         canvas = jax.lax.fori_loop(0, steps, step, canvas)
@@ -309,8 +317,9 @@ def _slide(forward: ApplyFn, image: jax.Array, crop: tuple[int, int], stride: tu
     canvas = jax.device_put(np.zeros((height, width, num_classes), np.float32),
                             _replicated(mesh))
     for k in range(steps):
-        crops = _slide_cut_jit(image, k, divisor=divisor, mesh=mesh, **where)
-        canvas = _slide_add_jit(canvas, forward(crops), k, **where)
+        where = dict(crop=crop, stride=stride, batch=tail if k == steps - 1 else batch)
+        crops = _slide_cut_jit(image, k * batch, divisor=divisor, mesh=mesh, **where)
+        canvas = _slide_add_jit(canvas, forward(crops), k * batch, **where)
     return _slide_mean_jit(canvas, crop=crop, stride=stride)
 
 
@@ -321,8 +330,9 @@ def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: 
 
     Raw logits of overlapping windows are averaged (not probabilities). The model runs on
     batches of a fixed number of windows (`slide_batch`: `batch_windows`, on CPU also at most
-    `CPU_WINDOW_PIXELS`), so it is compiled once for images of every size; only the cheap
-    cutting and adding is compiled per size. A `ModelApply`'s windows are spread over its mesh.
+    `CPU_WINDOW_PIXELS`; the last batch a multiple of `TAIL_WINDOWS`), so it is compiled a
+    few times at most for images of every size; only the cheap cutting and adding is
+    compiled per size. A `ModelApply`'s windows are spread over its mesh.
     With symbolic H, W (an export) the batches hold `batch_windows` windows.
     The per-pixel window count is `window_count(H, W, slide_windows(...))`.
     """
@@ -330,10 +340,12 @@ def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: 
     height, width = x.shape[0], x.shape[1]
     crop, stride = (int(crop[0]), int(crop[1])), (int(stride[0]), int(stride[1]))
     devices, batch = _window_budget(apply_fn, batch_windows, crop)
+    tail = batch
     if not (jax.export.is_symbolic_dim(height) or jax.export.is_symbolic_dim(width)):
-        batch = slide_batch(len(slide_windows(height, width, crop, stride)), batch, devices)
+        batch, tail = slide_batch(len(slide_windows(height, width, crop, stride)), batch,
+                                  devices)
     forward, mesh, x = _model_and_mesh(apply_fn, x)
-    return _slide(forward, x, crop, stride, int(num_classes), batch,
+    return _slide(forward, x, crop, stride, int(num_classes), batch, tail,
                   _divisor(apply_fn, size_divisor), mesh)
 
 
@@ -396,11 +408,11 @@ def _tile_pad(image: jax.Array, *, tile: tuple[int, int], out_tile: tuple[int, i
                            (left, cols * ow - width + tw - ow - left), (0, 0)), mode="reflect")
 
 
-def _tile_cut(padded: jax.Array, k: Any, *, tile: tuple[int, int], out_tile: tuple[int, int],
+def _tile_cut(padded: jax.Array, start: Any, *, tile: tuple[int, int], out_tile: tuple[int, int],
               batch: int, rows: int, cols: int, mesh: jax.sharding.Mesh | None) -> jax.Array:
-    """Input tiles k * batch ... of the padded image, row-major (past the last tile: the first
-    one again, a dummy), spread over `mesh`."""
-    index = (k * batch + jnp.arange(batch)) % (rows * cols)
+    """Input tiles start ... start + batch - 1 of the padded image, row-major (past the last
+    tile: the first ones again, dummies), spread over `mesh`."""
+    index = (start + jnp.arange(batch)) % (rows * cols)
     ys, xs = index // cols * out_tile[0], index % cols * out_tile[1]
     crops = jax.vmap(lambda y, x: jax.lax.dynamic_slice(
         padded, (y, x, 0), (tile[0], tile[1], padded.shape[-1])))(ys, xs)
@@ -446,12 +458,14 @@ def overlap_tile_inference(apply_fn: ApplyFn, image: Any, tile: Sequence[int],
     devices, batch = _window_budget(apply_fn, batch_windows, tile)
     rows, cols = tile_grid(height, width, out_tile[0])[0], tile_grid(height, width,
                                                                      out_tile[1])[1]
-    batch = slide_batch(rows * cols, batch, devices)
+    batch, tail = slide_batch(rows * cols, batch, devices)
     forward, mesh, x = _model_and_mesh(apply_fn, x)
     padded = _tile_pad_jit(x, tile=tile, out_tile=out_tile)
-    outputs = tuple(forward(_tile_cut_jit(padded, k, tile=tile, out_tile=out_tile, batch=batch,
-                                          rows=rows, cols=cols, mesh=mesh))
-                    for k in range(-(-(rows * cols) // batch)))
+    steps = -(-(rows * cols) // batch)
+    outputs = tuple(forward(_tile_cut_jit(padded, k * batch, tile=tile, out_tile=out_tile,
+                                          batch=tail if k == steps - 1 else batch, rows=rows,
+                                          cols=cols, mesh=mesh))
+                    for k in range(steps))
     return _tile_join_jit(outputs, rows=rows, cols=cols, num_classes=int(num_classes),
                           height=height, width=width)
 
