@@ -9,7 +9,11 @@ Each section runs mmseg's own code first (`../shared/tools/mmseg_ref/bench_torch
 `EncoderDecoder.inference`; 2 threads, median of 5 after 2 warm-ups) and then ours
 (`python -m unet_jax.benchmark step|infer`, one process per case, median after warm-up), so the
 two sides of a row are measured minutes apart. The ratio is mmseg's time / ours: above 1 we are
-faster. `--quick` leaves out the slow rows (HRF slide, ~2 min a side; batch 16 step). Our infer
+faster. `--quick` leaves out the slow rows (HRF slide, ~2 min a side; batch 16 step; predict).
+The predict rows (`predict_case`, `--only_predict` alone) time whole processes on a generated
+folder of 20 images of 20 sizes: mmseg's `init_model` + `inference_model` loop, and
+`python -m unet_jax.predict` twice, cold (an empty compilation cache) and warm (the cache the
+cold run filled); the target is ratio >= 1, compilation included. Our infer
 cases set `data.img_scale` to the image's own size, as mmseg's bench feeds the tensor straight to
 `inference` without the test resize. The load average is read before and after: measure on a
 quiet machine (load well under 1 on these 2 cores) or the ratios mean little.
@@ -25,6 +29,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +92,95 @@ json.dump({"train_step16": {"16x3x64x64": t}}, open(sys.argv[2], "w"))
 """
 
 
+# The predict case (issue 19 item 4): a folder of PREDICT_IMAGES images of as many sizes, segmented
+# by mmseg's `init_model` + `inference_model` loop and by `python -m unet_jax.predict`, each timed
+# as a whole process (imports, model build, checkpoint read, compilation, every image, the PNGs).
+# Both sides read one checkpoint: the full-width DRIVE FCN with mmseg's own random init, saved
+# by mmseg (no published weights are needed to time).
+PREDICT_IMAGES, PREDICT_SIZES, PREDICT_SEED = 20, (300, 700), 0
+PREDICT_CONFIG = "fcn_unet_s5-d16_drive"
+MMSEG_CHECKPOINT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import bench_torch as bt
+import torch
+torch.manual_seed(0)
+cfg, model = bt.build(sys.argv[2])
+torch.save({"state_dict": model.state_dict(), "meta": {}}, sys.argv[3])
+"""
+MMSEG_PREDICT = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import refcommon as rc
+import cv2, torch
+from mmseg.apis import inference_model, init_model
+torch.set_num_threads(2)
+model = init_model(rc.load_cfg(sys.argv[2]), sys.argv[3], device="cpu")
+out = Path(sys.argv[5])
+out.mkdir(parents=True, exist_ok=True)
+for f in sorted(Path(sys.argv[4]).glob("*.png")):
+    result = inference_model(model, str(f))
+    cv2.imwrite(str(out / f.name), result.pred_sem_seg.data[0].numpy().astype("uint8"))
+"""
+
+
+def predict_folder(folder: Path, seed: int = PREDICT_SEED) -> list[tuple[int, int]]:
+    """Write PREDICT_IMAGES random RGB PNGs of distinct sizes (H, W each in PREDICT_SIZES) to
+    `folder`; their sizes. Pixel values do not change the time of either side."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sizes: list[tuple[int, int]] = []
+    while len(sizes) < PREDICT_IMAGES:
+        hw = tuple(int(v) for v in rng.integers(PREDICT_SIZES[0], PREDICT_SIZES[1] + 1, 2))
+        if hw not in sizes:
+            sizes.append(hw)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (h, w) in enumerate(sizes):
+        image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 0)
+        cv2.imwrite(str(folder / f"{k:02d}_{h}x{w}.png"), image)
+    return sizes
+
+
+def _timed(cmd: list[str], what: str, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one process, start to end."""
+    t0 = time.perf_counter()
+    print(f"$ {' '.join(cmd)}", flush=True)
+    done = subprocess.run(cmd, cwd=REPO, check=False, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_vs_mmseg: {what} failed (exit {done.returncode})")
+    return time.perf_counter() - t0
+
+
+def predict_case(python: str, tmp: Path) -> list[dict[str, Any]]:
+    """The predict rows: mmseg's loop, then our predict cold (an empty compilation cache) and
+    warm (the cache the cold run filled), each a whole process on the same folder."""
+    folder, ckpt = tmp / "predict_in", tmp / "fcn_drive_random.pth"
+    sizes = predict_folder(folder)
+    made = subprocess.run([python, "-c", MMSEG_CHECKPOINT, str(TOOL), PREDICT_CONFIG, str(ckpt)],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+    if made.returncode != 0:  # mmengine logs every initialised weight: shown only on failure
+        raise SystemExit(f"bench_vs_mmseg: mmseg checkpoint failed:\n{made.stderr[-3000:]}")
+    mmseg_s = _timed([python, "-c", MMSEG_PREDICT, str(TOOL), PREDICT_CONFIG, str(ckpt),
+                      str(folder), str(tmp / "predict_mmseg")], "mmseg inference_model loop")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "xdg_cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    ours_s = [_timed([sys.executable, "-m", "unet_jax.predict", "--config",
+                      "configs/drive.py:fcn", "--checkpoint", str(ckpt), "--input", str(folder),
+                      "--output", str(tmp / f"predict_ours_{run}")], f"unet_jax.predict {run}",
+                     env) for run in ("cold", "warm")]
+    print(f"predict: mmseg {mmseg_s:.1f} s, unet_jax cold {ours_s[0]:.1f} s, warm "
+          f"{ours_s[1]:.1f} s", flush=True)
+    what = f"predict, {PREDICT_IMAGES} images of {PREDICT_IMAGES} sizes {PREDICT_SIZES[0]}-" \
+           f"{PREDICT_SIZES[1]} px, DRIVE FCN, whole process"
+    return [{"case": f"{what}, {run}", "mmseg_s": mmseg_s, "ours_s": s, "ratio": mmseg_s / s,
+             "target": 1.0, "ours": {"s_total": s, "sizes": sizes},
+             "mmseg": {"s_total": mmseg_s}}
+            for run, s in zip(("cold compile cache", "warm compile cache"), ours_s)]
+
+
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -142,7 +236,8 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     lines = [f"# unet_jax vs mmsegmentation on CPU ({header['date']})", "",
              f"{header['cpu']}, {header['cores']} cores; load average (1, 5, 15 min) "
              f"{header['load_before']} before, {header['load_after']} after; "
-             f"`python experiments/bench_vs_mmseg.py{' --quick' if header['quick'] else ''}`. "
+             f"`python experiments/bench_vs_mmseg.py{' --quick' if header['quick'] else ''}"
+             f"{' --only_predict' if header['only_predict'] else ''}`. "
              "Ratio: mmseg's time / ours (above 1: we are faster). fp32 throughout.", "",
              "| case | mmseg | unet_jax | ratio | target | met |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -161,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="leave out HRF slide and the batch-16 step")
     parser.add_argument("--force", action="store_true", help="overwrite --out")
+    parser.add_argument("--only_predict", action="store_true",
+                        help="run only the predict case (a folder of mixed sizes, cold and warm)")
     args = parser.parse_args(argv)
     if not Path(args.mmseg_python).is_file():
         raise SystemExit(f"bench_vs_mmseg: {args.mmseg_python} does not exist; build it with "
@@ -170,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                          "must sit beside the repository")
     if args.out.exists() and not args.force:
         raise SystemExit(f"bench_vs_mmseg: {args.out} exists; pass --force to overwrite it")
-    cases = [c for c in CASES if c[5] or not args.quick]
+    cases = [c for c in CASES if (c[5] or not args.quick) and not args.only_predict]
     header = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(),
-              "cores": os.cpu_count(), "load_before": _load(), "quick": args.quick}
+              "cores": os.cpu_count(), "load_before": _load(), "quick": args.quick,
+              "only_predict": args.only_predict}
     print(f"bench_vs_mmseg: {header}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_vs_mmseg_") as tmp:
@@ -188,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                              "ours": result, "mmseg": reference[group][key]})
                 print(f"{case}: mmseg {_show(mmseg_s)}, unet_jax {_show(rows[-1]['ours_s'])}, "
                       f"ratio {rows[-1]['ratio']:.2f}x", flush=True)
+        if not args.quick:
+            rows.extend(predict_case(args.mmseg_python, Path(tmp)))
     header["load_after"] = _load()
     text = markdown(rows, header)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,16 +52,36 @@ def test_window_grid_drive():
     assert inf.slide_windows(20, 50, (64, 64), (42, 42)) == [(0, 20, 0, 50)]
 
 
-def test_slide_batches_are_evenly_filled():
-    """As few compiled steps as batch_windows allows, the windows spread evenly over them: HRF's
-    294 windows run as 5 x 59 (not 5 x 64 with 26 dummies); a multiple of the device count."""
+def test_slide_batch_shapes_do_not_depend_on_the_size():
+    """Full batches of `batch_windows` (a whole number per device) and a last one rounded up to
+    a multiple of TAIL_WINDOWS = 8: few batch shapes, so few model compiles for any sizes."""
     hrf = len(inf.slide_windows(2336, 3504, (256, 256), (170, 170)))
     assert hrf == 294
-    assert inf.slide_batch(hrf, 64, 1) == 59
-    assert inf.slide_batch(hrf, 64, 4) == 60
-    assert inf.slide_batch(182, 64, 1) == 61
-    assert inf.slide_batch(182, 1000, 1) == 182
+    assert inf.slide_batch(hrf, 64, 1) == (64, 40)
+    assert inf.slide_batch(182, 64, 1) == (64, 56)  # DRIVE: 184 forwards for 182 windows
+    assert inf.slide_batch(140, 64, 1) == (64, 16)
+    assert inf.slide_batch(128, 64, 1) == (64, 64)
+    assert inf.slide_batch(hrf, 62, 4) == (64, 40)
+    assert [inf.slide_batch(n, 64, 1)[1] for n in (1, 8, 9, 63)] == [8, 8, 16, 64]
+    assert inf.slide_batch(3, 64, 16) == (64, 16)
     assert inf.CPU_WINDOW_PIXELS // (256 * 256) == 16 and inf.CPU_WINDOW_PIXELS // 64**2 >= 64
+
+
+def test_one_model_compile_for_many_sizes(apply_fn):
+    """Slide inference on images of three sizes traces (so compiles) the model once: the cheap
+    per-size programs do not contain it."""
+    rng = np.random.default_rng(2)
+    traced = []
+
+    def forward(x):
+        traced.append(x.shape)
+        return apply_fn(x)
+
+    for hw in ((70, 90), (90, 75), (101, 66)):  # 12, 16, 15 windows: one batch of 16 each
+        x = rng.normal(size=(*hw, 3)).astype(np.float32)
+        logits = inf.slide_inference(forward, x, (32, 32), (21, 21), 2, batch_windows=WINDOWS)
+        assert logits.shape == (*hw, 2)
+    assert traced == [(WINDOWS, 32, 32, 3)]
 
 
 @pytest.mark.parametrize("tag", ["100x90", "64x64"])

@@ -251,13 +251,14 @@ def test_cli_save_logits_matches_mmseg(tmp_path: Path, pth: Path, drive_01: Path
 
 
 def test_cli_skips_unreadable_images(tmp_path: Path, pth: Path):
-    """Bad files: one stderr line each and a summary; the others are written; exit code 1."""
+    """Bad files: one stderr line each and a summary; the others are written; exit code 1. The
+    compiled programs are kept in the user cache folder ($XDG_CACHE_HOME/unet_jax/jax)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "bad.tif").write_bytes(b"\x00" * 10)
     (inputs / "bomb.png").write_bytes(png_header(100_000, 100_000))
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(inputs / "good.png")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _without_suite_cache(tmp_path / "cache")
     cmd = [sys.executable, "-m", "unet_jax.predict", "--config", "configs/drive.py", *TINY,
            "--checkpoint", str(pth), "--input", str(inputs), "--output", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -270,6 +271,30 @@ def test_cli_skips_unreadable_images(tmp_path: Path, pth: Path):
     assert lines[2] == (f"unet_jax.predict: 2 of 3 images could not be read: {inputs / 'bad.tif'}"
                         f", {inputs / 'bomb.png'}")
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["good.png", "good_overlay.png"]
+    assert len(list((tmp_path / "cache" / "unet_jax" / "jax").iterdir())) >= 3
+
+
+def test_cli_compilation_cache_off_by_flag(tmp_path: Path, pth: Path):
+    """With --nocompilation_cache nothing is written under $XDG_CACHE_HOME (the run above, the
+    same command without it, fills $XDG_CACHE_HOME/unet_jax/jax)."""
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    env = _without_suite_cache(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "unet_jax.predict", "--config", "configs/drive.py", *TINY,
+           "--checkpoint", str(pth), "--input", str(tmp_path / "a.png"),
+           "--output", str(tmp_path / "out"), "--nocompilation_cache"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "a.png").is_file()
+    assert not (tmp_path / "cache").exists()
+
+
+def _without_suite_cache(xdg_cache: Path) -> dict[str, str]:
+    """A CLI subprocess's environment with its user cache folder in `xdg_cache` instead of the
+    suite's shared compilation cache (JAX_COMPILATION_CACHE_DIR, which JAX itself reads)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XDG_CACHE_HOME=str(xdg_cache))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
 
 
 # ------------------------------------------------------------------------------ ISBI submission

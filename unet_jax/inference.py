@@ -8,12 +8,14 @@ Layout: images are HWC float32, already normalised ((x - mean) / std, RGB); logi
 input shape (and per model structure), so the same compiled forward serves every image.
 
 Slide mode (mmseg `slide_inference`): a ceil-divided window grid whose last row/column is aligned
-to the bottom/right edge; the windows are cut out on device in batches (the last one filled up
-with dummy windows, so one compiled forward serves every call), and the raw logits are summed
-into a canvas and divided by the per-pixel window count. The grid, the batches and the count are
-computed inside the program from the image's height and width, so the same code also runs with
-symbolic H and W: `unet_jax.cli.export` puts exactly this pipeline into a SavedModel through
-jax2tf shape polymorphism.
+to the bottom/right edge; the windows are cut out on device in batches of a fixed size (the last
+one filled up with dummy windows), the model runs on each batch, and the raw logits are summed
+into a canvas and divided by the per-pixel window count. The model is its own program, compiled
+once per batch shape, so images of 20 sizes compile it once (a folder of mixed sizes through
+predict); only the model-free cutting, adding and dividing compile per image size. The grid,
+the batches and the count are computed from the image's height and width inside those
+programs, so the same steps also run with symbolic H and W, in one loop: `unet_jax.cli.export`
+puts exactly this pipeline into a SavedModel through jax2tf shape polymorphism.
 
 Deliberate differences from mmseg, both only for inputs mmseg rejects (its UNet asserts that
 every forward is divisible by 16, issue #389):
@@ -39,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -133,13 +135,14 @@ def _round_up(n: Any, divisor: int) -> Any:
 
 
 # ------------------------------------------------------------------------------ slide mode
-def window_starts(length: Any, crop: int, stride: int) -> jax.Array:
-    """Start offsets (int32) of mmseg's slide windows along one axis of `length` (an int or a
-    symbolic dimension): (max(L - crop, 0) + stride - 1) // stride + 1 windows, the last one
-    shifted back to end at the edge."""
+def window_starts(length: Any, crop: int, stride: int) -> Any:
+    """Start offsets (int32) of mmseg's slide windows along one axis of `length`: (max(L - crop,
+    0) + stride - 1) // stride + 1 windows, the last one shifted back to end at the edge. A numpy
+    array for an int `length` (no device work), a JAX one for a symbolic dimension."""
+    xp = np if isinstance(length, int) else jnp
     grids = max_dim(length - crop + stride - 1, 0) // stride + 1
-    ends = jnp.minimum(jnp.arange(grids, dtype=jnp.int32) * stride + crop, length)
-    return jnp.maximum(ends - crop, 0)
+    ends = xp.minimum(xp.arange(grids, dtype=np.int32) * stride + crop, length)
+    return xp.maximum(ends - crop, 0).astype(np.int32)
 
 
 def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int],
@@ -149,8 +152,8 @@ def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence
     Every window has size (min(hc, H), min(wc, W)).
     """
     wh, ww = min(int(crop[0]), height), min(int(crop[1]), width)
-    ys = np.asarray(window_starts(height, int(crop[0]), int(stride[0]))).tolist()
-    xs = np.asarray(window_starts(width, int(crop[1]), int(stride[1]))).tolist()
+    ys = window_starts(int(height), int(crop[0]), int(stride[0])).tolist()
+    xs = window_starts(int(width), int(crop[1]), int(stride[1])).tolist()
     return [(y, y + wh, x, x + ww) for y in ys for x in xs]
 
 
@@ -175,71 +178,149 @@ def _coverage(length: Any, starts: jax.Array, size: Any) -> jax.Array:
 CPU_WINDOW_PIXELS = 16 * 256 * 256
 
 
-def slide_batch(num_windows: int, batch_windows: int, devices: int) -> int:
-    """Windows per compiled step: as few steps as `batch_windows` allows, the windows spread
-    evenly over them (294 HRF windows: 5 steps of 59, not of 64 with 26 dummies), a whole
-    number of windows per device."""
-    steps = -(-num_windows // max(1, min(batch_windows, num_windows)))
-    return _round_up(-(-num_windows // steps), devices)
+# The last batch of an image is rounded up to a multiple of this many windows, not to a full
+# batch: DRIVE's 182 windows run as 64 + 64 + 56 (184 forwards, not 192), an image of 140 as
+# 64 + 64 + 16; the model compiles at most batch / TAIL_WINDOWS times, for any number of sizes.
+TAIL_WINDOWS = 8
 
 
-def _slide(forward: ApplyFn, image: jax.Array, crop: tuple[int, int], stride: tuple[int, int],
-           num_classes: int, batch: int, divisor: int,
-           mesh: jax.sharding.Mesh | None) -> jax.Array:
-    """The whole slide inference of one image as one program: every batch of windows cut out,
-    run (spread over `mesh`), added into the canvas; the canvas divided by the window count.
-    H and W may be symbolic."""
-    height, width = image.shape[0], image.shape[1]
+def slide_batch(num_windows: int, batch_windows: int, devices: int) -> tuple[int, int]:
+    """(windows per forward, windows in the last forward): full batches of `batch_windows` (a
+    whole number per device) and a last one of the remaining windows rounded up to a multiple
+    of `TAIL_WINDOWS` (and of the device count), filled up with dummy windows. The batch
+    shapes do not depend on the image size, so the model compiles once per shape, not per
+    size."""
+    batch = _round_up(max(1, batch_windows), devices)
+    rest = num_windows - (-(-num_windows // batch) - 1) * batch
+    return batch, min(batch, _round_up(_round_up(rest, TAIL_WINDOWS), devices))
+
+
+def _replicated(mesh: jax.sharding.Mesh | None) -> Any:
+    return (None if mesh is None
+            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _spread(crops: jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """A batch of windows split over the mesh's devices (as the training batch is)."""
+    if mesh is not None and mesh.devices.size > 1:
+        crops = jax.lax.with_sharding_constraint(
+            crops, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    return crops
+
+
+class _Grid(NamedTuple):
+    """The slide windows of one image, row-major, followed by a batch of dummy windows at (0, 0):
+    starts (win_y, win_x) and `valid`; the window size (wh, ww), the padded size
+    (ph, pw) the model sees, the per-axis starts (ys, xs) and the number of batches."""
+
+    win_y: Any
+    win_x: Any
+    valid: Any
+    wh: Any
+    ww: Any
+    ph: Any
+    pw: Any
+    ys: Any
+    xs: Any
+    steps: Any
+
+
+def _grid(height: Any, width: Any, crop: tuple[int, int], stride: tuple[int, int], batch: int,
+          divisor: int) -> _Grid:
+    """The window plan of an H x W image (H and W may be symbolic; traced inside a program)."""
     wh, ww = min_dim(crop[0], height), min_dim(crop[1], width)
-    ph, pw = _round_up(wh, divisor), _round_up(ww, divisor)
     ys, xs = window_starts(height, crop[0], stride[0]), window_starts(width, crop[1], stride[1])
+    ys, xs = jnp.asarray(ys), jnp.asarray(xs)
     rows, cols = ys.shape[0], xs.shape[0]
     n = rows * cols
     steps = (n + batch - 1) // batch
-    dummies = steps * batch - n  # at (0, 0), their logits not added
-    win_y = jnp.pad(jnp.broadcast_to(ys[:, None], (rows, cols)).reshape(n), (0, dummies))
-    win_x = jnp.pad(jnp.broadcast_to(xs[None, :], (rows, cols)).reshape(n), (0, dummies))
-    valid = jnp.arange(steps * batch) < n
+    # `batch` dummies at (0, 0), their logits not added: a batch starting at a real window
+    # ends within them
+    win_y = jnp.pad(jnp.broadcast_to(ys[:, None], (rows, cols)).reshape(n), (0, batch))
+    win_x = jnp.pad(jnp.broadcast_to(xs[None, :], (rows, cols)).reshape(n), (0, batch))
+    valid = jnp.arange(n + batch) < n
+    return _Grid(win_y, win_x, valid, wh, ww, _round_up(wh, divisor), _round_up(ww, divisor),
+                 ys, xs, steps)
+
+
+def _batch_starts(grid: _Grid, start: Any, batch: int) -> tuple[jax.Array, ...]:
+    return tuple(jax.lax.dynamic_slice_in_dim(v, start, batch)
+                 for v in (grid.win_y, grid.win_x, grid.valid))
+
+
+def _slide_cut(image: jax.Array, start: Any, *, crop: tuple[int, int], stride: tuple[int, int],
+               batch: int, divisor: int, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Windows start ... start + batch - 1 of the image (batch, ph, pw, 3), each zero-padded to
+    the divisor."""
+    g = _grid(image.shape[0], image.shape[1], crop, stride, batch, divisor)
+    bys, bxs, _ = _batch_starts(g, start, batch)
 
     def cut(y: jax.Array, x: jax.Array) -> jax.Array:
-        win = jax.lax.dynamic_slice(image, (y, x, 0), (wh, ww, image.shape[-1]))
-        return jnp.pad(win, ((0, ph - wh), (0, pw - ww), (0, 0)))
+        win = jax.lax.dynamic_slice(image, (y, x, 0), (g.wh, g.ww, image.shape[-1]))
+        return jnp.pad(win, ((0, g.ph - g.wh), (0, g.pw - g.ww), (0, 0)))
 
-    def step(k: jax.Array, canvas: jax.Array) -> jax.Array:
-        bys, bxs, bvalid = (jax.lax.dynamic_slice_in_dim(v, k * batch, batch)
-                            for v in (win_y, win_x, valid))
-        crops = jax.vmap(cut)(bys, bxs)
-        if mesh is not None and mesh.devices.size > 1:
-            crops = jax.lax.with_sharding_constraint(
-                crops, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-        logits = forward(crops)
+    return _spread(jax.vmap(cut)(bys, bxs), mesh)
 
-        def add(i: jax.Array, canvas: jax.Array) -> jax.Array:
-            start = (bys[i], bxs[i], 0)
-            current = jax.lax.dynamic_slice(canvas, start, (wh, ww, num_classes))
-            update = jnp.where(bvalid[i], current + logits[i, :wh, :ww], current)
-            return jax.lax.dynamic_update_slice(canvas, update, start)
 
-        return jax.lax.fori_loop(0, batch, add, canvas)
+def _slide_add(canvas: jax.Array, logits: jax.Array, start: Any, *, crop: tuple[int, int],
+               stride: tuple[int, int], batch: int) -> jax.Array:
+    """`canvas` (H, W, C) plus the logits of the real windows among start ... start + batch - 1,
+    added one window at a time in row-major order (mmseg's order: the sums round as its do)."""
+    g = _grid(canvas.shape[0], canvas.shape[1], crop, stride, batch, 1)
+    bys, bxs, bvalid = _batch_starts(g, start, batch)
 
-    canvas = jnp.zeros((height, width, num_classes), jnp.float32)
-    canvas = jax.lax.fori_loop(0, steps, step, canvas)
-    count = _coverage(height, ys, wh)[:, None] * _coverage(width, xs, ww)[None, :]
+    def add(i: jax.Array, canvas: jax.Array) -> jax.Array:
+        start = (bys[i], bxs[i], 0)
+        current = jax.lax.dynamic_slice(canvas, start, (g.wh, g.ww, canvas.shape[-1]))
+        update = jnp.where(bvalid[i], current + logits[i, :g.wh, :g.ww], current)
+        return jax.lax.dynamic_update_slice(canvas, update, start)
+
+    return jax.lax.fori_loop(0, batch, add, canvas)
+
+
+def _slide_mean(canvas: jax.Array, *, crop: tuple[int, int], stride: tuple[int, int]
+                ) -> jax.Array:
+    """The summed logits divided by the per-pixel window count."""
+    g = _grid(canvas.shape[0], canvas.shape[1], crop, stride, 1, 1)
+    count = _coverage(canvas.shape[0], g.ys, g.wh)[:, None] * _coverage(canvas.shape[1], g.xs,
+                                                                         g.ww)[None, :]
     return canvas / count[:, :, None]
 
 
-_STATIC = ("crop", "stride", "num_classes", "batch", "divisor", "mesh")
+# The per-size programs: cheap (no model inside), one each per image size.
+_slide_cut_jit = jax.jit(_slide_cut, static_argnames=("crop", "stride", "batch", "divisor",
+                                                      "mesh"))
+_slide_add_jit = jax.jit(_slide_add, static_argnames=("crop", "stride", "batch"))
+_slide_mean_jit = jax.jit(_slide_mean, static_argnames=("crop", "stride"))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", *_STATIC))
-def _slide_model(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array, **static: Any,
-                 ) -> jax.Array:
-    return _slide(lambda x: _forward(graphdef, state, x), image, **static)
+def _slide(forward: ApplyFn, image: jax.Array, crop: tuple[int, int], stride: tuple[int, int],
+           num_classes: int, batch: int, tail: int, divisor: int,
+           mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Cut a batch of windows, run the model on it, add its logits into the canvas; repeat;
+    divide by the window count. For concrete sizes a Python loop over small per-size programs
+    around `forward`, compiled once per batch shape whatever the image size; for symbolic H
+    and W (an export) the same steps in one `fori_loop`."""
+    height, width = image.shape[0], image.shape[1]
+    if jax.export.is_symbolic_dim(height) or jax.export.is_symbolic_dim(width):
+        steps = _grid(height, width, crop, stride, batch, divisor).steps
+        where = dict(crop=crop, stride=stride, batch=batch)
 
+        def step(k: jax.Array, canvas: jax.Array) -> jax.Array:
+            crops = _slide_cut(image, k * batch, divisor=divisor, mesh=mesh, **where)
+            return _slide_add(canvas, forward(crops), k * batch, **where)
 
-@functools.partial(jax.jit, static_argnames=("forward", *_STATIC))
-def _slide_fn(forward: ApplyFn, image: jax.Array, **static: Any) -> jax.Array:
-    return _slide(forward, image, **static)
+        canvas = jnp.zeros((height, width, num_classes), jnp.float32)
+        canvas = jax.lax.fori_loop(0, steps, step, canvas)
+        return _slide_mean(canvas, crop=crop, stride=stride)
+    steps = -(-len(slide_windows(height, width, crop, stride)) // batch)
+    canvas = jax.device_put(np.zeros((height, width, num_classes), np.float32),
+                            _replicated(mesh))
+    for k in range(steps):
+        where = dict(crop=crop, stride=stride, batch=tail if k == steps - 1 else batch)
+        crops = _slide_cut_jit(image, k * batch, divisor=divisor, mesh=mesh, **where)
+        canvas = _slide_add_jit(canvas, forward(crops), k * batch, **where)
+    return _slide_mean_jit(canvas, crop=crop, stride=stride)
 
 
 def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: Sequence[int],
@@ -247,21 +328,25 @@ def slide_inference(apply_fn: ApplyFn, image: Any, crop: Sequence[int], stride: 
                     size_divisor: int | None = None) -> jax.Array:
     """mmseg slide inference of one normalised image (H, W, 3) -> (H, W, C) logits.
 
-    Raw logits of overlapping windows are averaged (not probabilities). One compiled program
-    per image size does it all; a `ModelApply`'s windows are spread over its mesh, in as few
-    batches as `batch_windows` allows (on CPU also `CPU_WINDOW_PIXELS`), evenly filled
-    (`slide_batch`). With symbolic H, W (an export) the batches hold `batch_windows` windows.
+    Raw logits of overlapping windows are averaged (not probabilities). The model runs on
+    batches of a fixed number of windows (`slide_batch`: `batch_windows`, on CPU also at most
+    `CPU_WINDOW_PIXELS`; the last batch a multiple of `TAIL_WINDOWS`), so it is compiled a
+    few times at most for images of every size; only the cheap cutting and adding is
+    compiled per size. A `ModelApply`'s windows are spread over its mesh.
+    With symbolic H, W (an export) the batches hold `batch_windows` windows.
     The per-pixel window count is `window_count(H, W, slide_windows(...))`.
     """
     x = jnp.asarray(image, jnp.float32)
     height, width = x.shape[0], x.shape[1]
     crop, stride = (int(crop[0]), int(crop[1])), (int(stride[0]), int(stride[1]))
     devices, batch = _window_budget(apply_fn, batch_windows, crop)
+    tail = batch
     if not (jax.export.is_symbolic_dim(height) or jax.export.is_symbolic_dim(width)):
-        batch = slide_batch(len(slide_windows(height, width, crop, stride)), batch, devices)
-    static = dict(crop=crop, stride=stride, num_classes=int(num_classes), batch=batch,
-                  divisor=_divisor(apply_fn, size_divisor))
-    return _dispatch(apply_fn, x, _slide_model, _slide_fn, static)
+        batch, tail = slide_batch(len(slide_windows(height, width, crop, stride)), batch,
+                                  devices)
+    forward, mesh, x = _model_and_mesh(apply_fn, x)
+    return _slide(forward, x, crop, stride, int(num_classes), batch, tail,
+                  _divisor(apply_fn, size_divisor), mesh)
 
 
 def _window_budget(apply_fn: ApplyFn, batch_windows: int, window: tuple[int, int]
@@ -277,16 +362,17 @@ def _window_budget(apply_fn: ApplyFn, batch_windows: int, window: tuple[int, int
     return devices, int(batch_windows)
 
 
-def _dispatch(apply_fn: ApplyFn, x: jax.Array, model_program: Any, fn_program: Any,
-              static: dict[str, Any]) -> jax.Array:
-    """Run a windowed program: for a `ModelApply`, its variant over the model's state with the
-    image replicated on its mesh; for a plain function, the variant that traces it."""
+def _model_and_mesh(apply_fn: ApplyFn, x: jax.Array
+                    ) -> tuple[ApplyFn, jax.sharding.Mesh | None, jax.Array]:
+    """(the batch forward, the mesh windows are spread over, the image): a `ModelApply` as it
+    is (its own jitted forward) with the image replicated on its mesh; a plain function
+    jit-compiled (traced once per batch shape), no mesh."""
     if isinstance(apply_fn, ModelApply):
         mesh = apply_fn.mesh
         if mesh is not None and not isinstance(x, jax.core.Tracer):
-            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return model_program(apply_fn.graphdef, apply_fn.state, x, mesh=mesh, **static)
-    return fn_program(apply_fn, x, mesh=None, **static)
+            x = jax.device_put(x, _replicated(mesh))
+        return apply_fn, mesh, x
+    return jax.jit(apply_fn), None, x
 
 
 # ------------------------------------------------------------------------------ whole mode
@@ -311,49 +397,42 @@ def tile_grid(height: int, width: int, out_tile: int) -> tuple[int, int]:
     return -(-height // out_tile), -(-width // out_tile)
 
 
-def _overlap_tile(forward: ApplyFn, image: jax.Array, tile: tuple[int, int],
-                  out_tile: tuple[int, int], num_classes: int, batch: int,
-                  mesh: jax.sharding.Mesh | None) -> jax.Array:
-    """Every input tile cut from the mirror-padded image, run in batches (spread over `mesh`),
-    the output tiles put side by side and cropped to the image."""
+def _tile_pad(image: jax.Array, *, tile: tuple[int, int], out_tile: tuple[int, int]
+              ) -> jax.Array:
+    """The image mirror-padded (numpy's "reflect") so that every input tile lies inside."""
     height, width = image.shape[0], image.shape[1]
     (th, tw), (oh, ow) = tile, out_tile
     rows, cols = tile_grid(height, width, oh)[0], tile_grid(height, width, ow)[1]
     top, left = (th - oh) // 2, (tw - ow) // 2
-    padded = jnp.pad(image, ((top, rows * oh - height + th - oh - top),
-                             (left, cols * ow - width + tw - ow - left), (0, 0)), mode="reflect")
-    n = rows * cols
-    steps = -(-n // batch)
-    ys = jnp.pad(jnp.repeat(jnp.arange(rows, dtype=jnp.int32) * oh, cols), (0, steps * batch - n))
-    xs = jnp.pad(jnp.tile(jnp.arange(cols, dtype=jnp.int32) * ow, rows), (0, steps * batch - n))
-
-    def run(starts: tuple[jax.Array, jax.Array]) -> jax.Array:
-        crops = jax.vmap(lambda y, x: jax.lax.dynamic_slice(
-            padded, (y, x, 0), (th, tw, padded.shape[-1])))(*starts)
-        if mesh is not None and mesh.devices.size > 1:
-            crops = jax.lax.with_sharding_constraint(
-                crops, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-        return forward(crops)[..., :num_classes]
-
-    out = jax.lax.map(run, (ys.reshape(steps, batch), xs.reshape(steps, batch)))
-    out = out.reshape(steps * batch, oh, ow, num_classes)[:n].reshape(rows, cols, oh, ow,
-                                                                      num_classes)
-    return out.transpose(0, 2, 1, 3, 4).reshape(rows * oh, cols * ow, num_classes)[:height,
-                                                                                    :width]
+    return jnp.pad(image, ((top, rows * oh - height + th - oh - top),
+                           (left, cols * ow - width + tw - ow - left), (0, 0)), mode="reflect")
 
 
-_TILE_STATIC = ("tile", "out_tile", "num_classes", "batch", "mesh")
+def _tile_cut(padded: jax.Array, start: Any, *, tile: tuple[int, int], out_tile: tuple[int, int],
+              batch: int, rows: int, cols: int, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Input tiles start ... start + batch - 1 of the padded image, row-major (past the last
+    tile: the first ones again, dummies), spread over `mesh`."""
+    index = (start + jnp.arange(batch)) % (rows * cols)
+    ys, xs = index // cols * out_tile[0], index % cols * out_tile[1]
+    crops = jax.vmap(lambda y, x: jax.lax.dynamic_slice(
+        padded, (y, x, 0), (tile[0], tile[1], padded.shape[-1])))(ys, xs)
+    return _spread(crops, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", *_TILE_STATIC))
-def _overlap_tile_model(graphdef: nnx.GraphDef, state: nnx.State, image: jax.Array,
-                        **static: Any) -> jax.Array:
-    return _overlap_tile(lambda x: _forward(graphdef, state, x), image, **static)
+def _tile_join(outputs: tuple[jax.Array, ...], *, rows: int, cols: int, num_classes: int,
+               height: int, width: int) -> jax.Array:
+    """The output tiles of every batch put side by side, cropped to the image."""
+    out = jnp.concatenate(outputs)[:rows * cols, ..., :num_classes]
+    oh, ow = out.shape[1], out.shape[2]
+    out = out.reshape(rows, cols, oh, ow, num_classes).transpose(0, 2, 1, 3, 4)
+    return out.reshape(rows * oh, cols * ow, num_classes)[:height, :width]
 
 
-@functools.partial(jax.jit, static_argnames=("forward", *_TILE_STATIC))
-def _overlap_tile_fn(forward: ApplyFn, image: jax.Array, **static: Any) -> jax.Array:
-    return _overlap_tile(forward, image, **static)
+_tile_pad_jit = jax.jit(_tile_pad, static_argnames=("tile", "out_tile"))
+_tile_cut_jit = jax.jit(_tile_cut, static_argnames=("tile", "out_tile", "batch", "rows",
+                                                    "cols", "mesh"))
+_tile_join_jit = jax.jit(_tile_join, static_argnames=("rows", "cols", "num_classes", "height",
+                                                      "width"))
 
 
 def overlap_tile_inference(apply_fn: ApplyFn, image: Any, tile: Sequence[int],
@@ -364,7 +443,8 @@ def overlap_tile_inference(apply_fn: ApplyFn, image: Any, tile: Sequence[int],
     The net maps an input tile of `tile` (valid sides, see `models.unet2015`) to an output tile
     184 px smaller; output tiles sit side by side without overlap, and the context beyond the
     image border is its mirror image (numpy's "reflect"). Tiles are batched and spread over a
-    `ModelApply`'s mesh as slide windows are (`slide_batch`, `CPU_WINDOW_PIXELS`).
+    `ModelApply`'s mesh as slide windows are (`slide_batch`, `CPU_WINDOW_PIXELS`): the model
+    compiles once per tile batch, only padding, cutting and joining once per image size.
     """
     from unet_jax.models.unet2015 import output_size
 
@@ -378,9 +458,16 @@ def overlap_tile_inference(apply_fn: ApplyFn, image: Any, tile: Sequence[int],
     devices, batch = _window_budget(apply_fn, batch_windows, tile)
     rows, cols = tile_grid(height, width, out_tile[0])[0], tile_grid(height, width,
                                                                      out_tile[1])[1]
-    static = dict(tile=tile, out_tile=out_tile, num_classes=int(num_classes),
-                  batch=slide_batch(rows * cols, batch, devices))
-    return _dispatch(apply_fn, x, _overlap_tile_model, _overlap_tile_fn, static)
+    batch, tail = slide_batch(rows * cols, batch, devices)
+    forward, mesh, x = _model_and_mesh(apply_fn, x)
+    padded = _tile_pad_jit(x, tile=tile, out_tile=out_tile)
+    steps = -(-(rows * cols) // batch)
+    outputs = tuple(forward(_tile_cut_jit(padded, k * batch, tile=tile, out_tile=out_tile,
+                                          batch=tail if k == steps - 1 else batch, rows=rows,
+                                          cols=cols, mesh=mesh))
+                    for k in range(steps))
+    return _tile_join_jit(outputs, rows=rows, cols=cols, num_classes=int(num_classes),
+                          height=height, width=width)
 
 
 def inference(apply_fn: ApplyFn, image: Any, eval_cfg: Any, num_classes: int) -> jax.Array:

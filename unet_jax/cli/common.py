@@ -1,6 +1,7 @@
 """What every command line shares: `--config FILE[:ARG]` with `--config.a.b=VALUE` overrides
 (ml_collections.config_flags), `check_config` before anything else runs, `--help`, the CPU
-compiler flags, quiet libraries, and user mistakes printed as one line (exit code 2).
+compiler flags, the persistent compilation cache (`--nocompilation_cache` turns it off), quiet
+libraries, and user mistakes printed as one line (exit code 2).
 
     unet_jax.cli.common.run(main, prog="unet_jax.predict", define_flags=_define_flags)
 
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from unet_jax.errors import ConfigError, UserError, one_line
@@ -32,6 +33,13 @@ HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 # XLA_FLAGS once, when JAX starts its CPU backend, so the command lines set it before that;
 # importing the library changes no process-wide setting.
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+# The CLIs keep XLA's compiled programs in this folder under the user cache ($XDG_CACHE_HOME or
+# ~/.cache), so a second run skips compilation (predict on a folder of mixed sizes: the slide
+# programs of every size); every program is kept, however fast it compiled (JAX's default keeps
+# only those over 1 s, which leaves out the per-size slide programs). `--nocompilation_cache` or
+# UNET_JAX_COMPILATION_CACHE=0 turns it off; with JAX_COMPILATION_CACHE_DIR set, JAX's own
+# setting applies (the test suite's shared cache).
+CACHE_SUBDIR = ("unet_jax", "jax")
 # Log lines that say nothing about the user's run (shown with --verbose): orbax reads every
 # checkpoint's optional metadata file and warns when it is absent; TFDS warns that a builder
 # config with options (the synthetic set's) is "custom", that a folder it is about to fill has no
@@ -49,6 +57,31 @@ def use_cpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> None:
     if (environ.get("UNET_JAX_XLA_DEFAULTS", "1") != "0"
             and "xla_cpu_experimental_ynn_fusion_type" not in flags):
         environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAGS}".strip()
+
+
+def compilation_cache_dir(enabled: bool = True,
+                          environ: Mapping[str, str] = os.environ) -> str | None:
+    """The folder the CLIs keep compiled programs in: `CACHE_SUBDIR` under $XDG_CACHE_HOME
+    (default ~/.cache); None when turned off (`enabled` False, from --nocompilation_cache, or
+    UNET_JAX_COMPILATION_CACHE=0) or when JAX_COMPILATION_CACHE_DIR sets JAX's own."""
+    if (not enabled or environ.get("UNET_JAX_COMPILATION_CACHE", "1") == "0"
+            or environ.get("JAX_COMPILATION_CACHE_DIR")):
+        return None
+    root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, *CACHE_SUBDIR)
+
+
+def use_compilation_cache(folder: str | None,
+                          environ: Mapping[str, str] = os.environ) -> None:
+    """Keep every compiled program in `folder` (None: leave JAX's settings as they are), unless
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
+    if folder is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _verbose(argv: Sequence[str]) -> bool:
@@ -136,6 +169,9 @@ def _help(doc: str, own: Sequence[Any], default_config: str | None, positionals:
     lines = [doc.strip(), "", "flags:", _flag_line("--config", config),
              *(_flag_help(f) for f in own),
              _flag_line("--[no]verbose", "tracebacks for user errors and the libraries' logs"),
+             _flag_line("--[no]compilation_cache", "keep compiled programs for later runs in "
+                        "$XDG_CACHE_HOME/unet_jax/jax (default ~/.cache/unet_jax/jax; "
+                        "UNET_JAX_COMPILATION_CACHE=0 also turns it off)"),
              _flag_line("--helpfull", "every flag, including absl's")]
     if positionals:
         lines[2:2] = [f"arguments: {positionals}", ""]
@@ -156,6 +192,9 @@ def run(main: Callable[[Any, list[str]], int | None], *, prog: str,
     from absl import app, flags
 
     flags.DEFINE_bool("verbose", False, "show tracebacks for user errors too")
+    flags.DEFINE_bool("compilation_cache", True, "keep compiled programs in "
+                      "$XDG_CACHE_HOME/unet_jax/jax (~/.cache/...) for later runs "
+                      "(UNET_JAX_COMPILATION_CACHE=0 also turns it off)")
     before = set(flags.FLAGS)
     if define_flags is not None:
         define_flags()
@@ -184,6 +223,7 @@ def run(main: Callable[[Any, list[str]], int | None], *, prog: str,
         return rest
 
     def absl_main(args: list[str]) -> None:
+        use_compilation_cache(compilation_cache_dir(flags.FLAGS.compilation_cache))
         try:
             code = main(holder[0], args)
         except (UserError, OSError) as err:
