@@ -66,10 +66,12 @@ def pytest_configure(config: pytest.Config) -> None:
 # whole files (--dist loadfile) to the two workers in collection order, one as each finishes, so
 # a long file collected last would run alone at the end while the other worker idles; started
 # first, the short files fill in around it.
-SLOW_FIRST = ("test_train_step_float32.py", "test_reliability.py", "test_pipeline.py",
-              "test_parallel.py", "test_train.py", "test_train_step.py", "test_buckets.py",
-              "test_gpu_report.py", "test_export.py", "test_predict.py", "test_cli.py",
-              "test_convert.py", "test_data_builders.py", "test_folder_dataset.py")
+SLOW_FIRST = ("test_models.py", "test_parallel.py", "test_reliability.py", "test_buckets.py",
+              "test_train.py", "test_pipeline.py", "test_train_step_float32.py",
+              "test_export.py", "test_data_builders.py", "test_train_step.py",
+              "test_gpu_report.py", "test_cli.py", "test_inference.py", "test_predict.py",
+              "test_folder_dataset.py", "test_losses.py", "test_unet2015.py",
+              "test_loss_options.py", "test_evaluate.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
