@@ -7,7 +7,8 @@ Each child is a real process (its own exit code, stdout and stderr, flags parsed
 a fresh absl), started from an interpreter that already holds the command modules: a CLI test of
 parsing and one-line errors then costs a fork, not the 3-7 s that importing JAX and TensorFlow
 take in each `python -m`. Every command of a batch shares the batch process's environment and
-working folder. Tests about importing itself (what `import unet_jax` changes) start their own
+working folder; a `-c` command's sys.argv[0] is the path of a temporary file holding CODE
+(`python -c` says "-c"). Tests about importing itself (what `import unet_jax` changes) start their own
 interpreter instead.
 """
 from __future__ import annotations
