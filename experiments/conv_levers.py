@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from step_profile import publish  # noqa: E402  (experiments/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 # case -> the benchmark command's arguments (train steps at batch 4 or 16; inference cases as
 # experiments/bench_vs_mmseg.py runs them)
@@ -99,11 +101,7 @@ def main() -> None:
             ms = statistics.median(times[(case, v)])
             cells.append(f"{ms:.0f}" + ("" if v == variants[0] else f" ({base / ms:.2f}x)"))
         lines.append(f"| {case}: `{' '.join(CASES[case])}` | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish("\n".join(lines) + "\n", a.out)
 
 
 if __name__ == "__main__":

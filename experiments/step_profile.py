@@ -329,6 +329,14 @@ def _uptime() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
 
+def publish(text: str, out: str) -> None:
+    """Print a results table and append it to `out` (if given); the experiments share it."""
+    print(text)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
 def markdown(config: str, batch: int, crop: int, ours: dict, theirs: dict | None,
              ours_dir: dict, loads: tuple[str, str]) -> str:
     lines = [f"# Train step profile: {config}, batch {batch}, crop {crop}x{crop}", "",
@@ -398,11 +406,7 @@ def main() -> None:
         theirs = mmseg_side(a.mmseg_python, f"fcn_unet_s5-d16_{dataset}", a.batch, crop, a.steps)
     ours = ours_in_step(a.config, a.batch, a.steps)
     ours_dir = None if a.step_only else ours_directions(a.batch, crop)
-    text = markdown(a.config, a.batch, crop, ours, theirs, ours_dir, (before, _uptime()))
-    print(text)
-    if a.out:
-        with open(a.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(markdown(a.config, a.batch, crop, ours, theirs, ours_dir, (before, _uptime())), a.out)
 
 
 if __name__ == "__main__":
