@@ -4,14 +4,18 @@ Run (accelerator; the paper's net and tile):
     python -m unet_jax.main --config configs/isbi2012.py --workdir runs/isbi2012
   or on these 2 CPU cores, the same pipeline sized down (argument "cpu"):
     python -m unet_jax.main --config configs/isbi2012.py:cpu --workdir runs/isbi2012_cpu
-  CPU measured once (this command, records already prepared; 2 cores shared with other jobs,
-  1-min load 4.7-11.9, the first 6 min beside another training run): 15 min 4 s wall,
-  compilation and the final evaluation included. Scores on slices 20-23 at step 700 (no TTA),
-  each at its best threshold on P(cell): pixel error 0.0927 (threshold 0.2), Rand error 0.536
-  (0.7), V_rand 0.694 (0.8), V_info 0.847 (0.7); at the argmax mDice 69.94 (membrane 58.51,
-  cell 81.36), aAcc 74.28. With --mode eval --config.eval.tta=True (1 min 9 s): pixel error
-  0.0897, Rand error 0.557, V_rand 0.689, V_info 0.854, mDice 70.24. A few hundred steps of a
-  16-wide net: far from the paper's Table 1 (pixel error 0.0611, Rand error 0.0382).
+  CPU measured on 2026-12-03 (this command, records already prepared, compilation cache off;
+  2-core AMD EPYC, quiet: load 1.4-2.4): 4 min 37 s wall for 700 steps, compilation and the
+  final evaluation included. Scores on slices 20-23 at step 700 (no TTA), each at its best
+  threshold on P(cell): pixel error 0.0924 (threshold 0.1), Rand error 0.556 (0.6), V_rand
+  0.714 (0.6), V_info 0.855 (0.6); at the argmax mDice 66.55 (membrane 56.26, cell 76.85), aAcc
+  69.72. With --mode eval --config.eval.tta=True (36 s): pixel error 0.0911, Rand error 0.527,
+  V_rand 0.734, V_info 0.871, mDice 66.26. The same run with 2000 steps (12 min 17 s) scored no
+  better on the challenge's metrics (pixel error 0.1087, Rand error 0.551, V_rand 0.686, V_info
+  0.854; mDice 68.77), so 700 stays. An earlier run at load 4.7-11.9 on an Intel Xeon took 15
+  min 4 s (pixel error 0.0927, V_rand 0.694; initial weights drawn before the up-convolution
+  became layers.ConvTranspose). A few hundred steps of a 16-wide net: far from the paper's
+  Table 1 (pixel error 0.0611, Rand error 0.0382).
   Accelerator: not measured here (no GPU). Expected: 10 h on a 6 GB Titan in the paper (§5).
 
 Data: the folder dataset (`configs/folder.py`) on `data.root` = ../shared/data/ISBI2012 (relative
